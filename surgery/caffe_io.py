@@ -1,0 +1,541 @@
+"""Reading and writing Caffe files: ``.prototxt`` <-> :class:`~surgery.net.Net` <-> ``.caffemodel``.
+
+The only module (with :mod:`surgery.upgrade`) that touches ``caffe_pb2``.
+
+- Text definitions go through protobuf's own text format; a field that is not in our schema
+  (BVLC plus the known forks) fails the load naming file, line and field -- never dropped.
+- Legacy V0/V1 definitions, ``input:`` fields and old BatchNorm params are upgraded as Caffe
+  does on every read (:mod:`surgery.upgrade`); each applied upgrade is recorded in
+  ``Net.upgrades``.
+- Weights are read by scanning the wire format (:mod:`surgery._wire`): blobs are zero-copy
+  read-only views of a memory-mapped file, written back by streaming each blob's bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import text_format
+
+from . import _wire
+from ._proto import caffe_pb2
+from .errors import NetError, ParseError, SurgeryError
+from .layers import param_field_for
+from .net import Layer, Net, Param, Rule, freeze_array
+
+__all__ = [
+    "load",
+    "save",
+    "read_net_param",
+    "net_from_proto",
+    "net_to_proto",
+    "layer_to_proto",
+    "net_to_text",
+    "attach_weights",
+    "write_text_atomic",
+    "WeightReport",
+]
+
+PathLike = str | os.PathLike[str]
+
+# LayerParameter fields modelled by Layer itself; everything else goes to Layer.extra.
+_LAYER_CORE = {"name", "type", "bottom", "top", "param", "blobs", "include", "exclude"}
+
+
+# -- message <-> plain Python values ----------------------------------------------------------
+def _is_repeated(fd: Any) -> bool:
+    rep = getattr(fd, "is_repeated", None)
+    if rep is not None and not callable(rep):
+        return bool(rep)
+    return fd.label == fd.LABEL_REPEATED
+
+
+def _value_to_py(fd: Any, value: Any) -> Any:
+    if fd.message_type is not None:
+        return msg_to_dict(value)
+    if fd.enum_type is not None:
+        ev = fd.enum_type.values_by_number.get(value)
+        return ev.name if ev is not None else int(value)
+    return value
+
+
+def msg_to_dict(msg: Any) -> dict[str, Any]:
+    """The fields ``msg`` has set, as plain Python values (enums as names), in field order."""
+    out: dict[str, Any] = {}
+    for fd, value in msg.ListFields():
+        if _is_repeated(fd):
+            out[fd.name] = [_value_to_py(fd, v) for v in value]
+        else:
+            out[fd.name] = _value_to_py(fd, value)
+    return out
+
+
+def _py_to_scalar(fd: Any, value: Any, where: str) -> Any:
+    if fd.enum_type is not None and isinstance(value, str):
+        ev = fd.enum_type.values_by_name.get(value)
+        if ev is None:
+            names = ", ".join(fd.enum_type.values_by_name)
+            raise NetError(f"{where}: {fd.name} must be one of {names}, got {value!r}")
+        return ev.number
+    return value
+
+
+def dict_to_msg(d: dict[str, Any], msg: Any, where: str = "") -> Any:
+    """Set ``msg``'s fields from a dict made by :func:`msg_to_dict` (or by hand).
+
+    Raises:
+        NetError: a key is not a field of the message, or a value has the wrong type.
+    """
+    fields = msg.DESCRIPTOR.fields_by_name
+    for key, value in d.items():
+        fd = fields.get(key)
+        if fd is None:
+            raise NetError(
+                f"{where or msg.DESCRIPTOR.name}: {msg.DESCRIPTOR.name} has no field {key!r}"
+            )
+        try:
+            if fd.message_type is not None:
+                if _is_repeated(fd):
+                    target = getattr(msg, key)
+                    for item in value:
+                        dict_to_msg(item, target.add(), where)
+                else:
+                    sub = getattr(msg, key)
+                    sub.SetInParent()
+                    dict_to_msg(value, sub, where)
+            elif _is_repeated(fd):
+                getattr(msg, key).extend(_py_to_scalar(fd, v, where) for v in value)
+            else:
+                setattr(msg, key, _py_to_scalar(fd, value, where))
+        except (TypeError, ValueError) as exc:
+            raise NetError(f"{where}: bad value for {key}: {value!r} ({exc})") from None
+    return msg
+
+
+# -- LayerParameter <-> Layer -----------------------------------------------------------------
+def _rule_from_proto(r: Any) -> Rule:
+    return Rule(
+        phase=caffe_pb2.Phase.Name(r.phase) if r.HasField("phase") else None,
+        min_level=r.min_level if r.HasField("min_level") else None,
+        max_level=r.max_level if r.HasField("max_level") else None,
+        stage=list(r.stage),
+        not_stage=list(r.not_stage),
+    )
+
+
+def _rule_to_proto(rule: Rule, r: Any) -> None:
+    if rule.phase is not None:
+        r.phase = caffe_pb2.Phase.Value(rule.phase)
+    if rule.min_level is not None:
+        r.min_level = rule.min_level
+    if rule.max_level is not None:
+        r.max_level = rule.max_level
+    r.stage.extend(rule.stage)
+    r.not_stage.extend(rule.not_stage)
+
+
+def _blob_from_proto(b: Any) -> np.ndarray:
+    if b.HasField("shape"):
+        shape = tuple(b.shape.dim)
+    elif any(b.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (b.num, b.channels, b.height, b.width)
+    else:
+        shape = (len(b.data) or len(b.double_data),)
+    data = np.asarray(b.double_data, np.float64) if len(b.double_data) else np.asarray(
+        b.data, np.float32
+    )
+    return freeze_array(data.reshape(shape))
+
+
+def layer_from_proto(lp: Any) -> Layer:
+    """Build a :class:`Layer` from a (V2) ``LayerParameter``."""
+    pfield = param_field_for(lp.type)
+    attrs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for fd, value in lp.ListFields():
+        if fd.name in _LAYER_CORE:
+            continue
+        py = [_value_to_py(fd, v) for v in value] if _is_repeated(fd) else _value_to_py(fd, value)
+        if fd.name == pfield and py:
+            attrs = py  # an empty `foo_param {}` stays in extra so it round-trips
+        else:
+            extra[fd.name] = py
+    params: list[Param] = []
+    for spec in lp.param:
+        params.append(
+            Param(
+                lr_mult=spec.lr_mult if spec.HasField("lr_mult") else None,
+                decay_mult=spec.decay_mult if spec.HasField("decay_mult") else None,
+                name=spec.name if spec.HasField("name") else None,
+                share_mode=(
+                    caffe_pb2.ParamSpec.DimCheckMode.Name(spec.share_mode)
+                    if spec.HasField("share_mode")
+                    else None
+                ),
+                declared=True,
+            )
+        )
+    for i, b in enumerate(lp.blobs):  # weights embedded in a definition (rare)
+        while len(params) <= i:
+            params.append(Param())
+        params[i].data = _blob_from_proto(b)
+    return Layer(
+        name=lp.name,
+        type=lp.type,
+        bottoms=list(lp.bottom),
+        tops=list(lp.top),
+        params=params,
+        attrs=attrs,
+        param_field=pfield,
+        include=[_rule_from_proto(r) for r in lp.include],
+        exclude=[_rule_from_proto(r) for r in lp.exclude],
+        extra=extra,
+    )
+
+
+def layer_to_proto(layer: Layer, *, with_blobs: bool = False) -> Any:
+    """The ``LayerParameter`` for ``layer`` (blobs only when ``with_blobs``).
+
+    Raises:
+        NetError: an attribute is not a field of the layer's parameter message.
+    """
+    lp = caffe_pb2.LayerParameter()
+    where = f"layer {layer.name!r} ({layer.type})"
+    if layer.name:  # an unnamed layer (legal in Caffe) stays unnamed
+        lp.name = layer.name
+    if layer.type:
+        lp.type = layer.type
+    lp.bottom.extend(layer.bottoms)
+    lp.top.extend(layer.tops)
+    last_spec = max((i for i, p in enumerate(layer.params) if p.has_spec), default=-1)
+    for p in layer.params[: last_spec + 1]:
+        spec = lp.param.add()
+        if p.name is not None:
+            spec.name = p.name
+        if p.share_mode is not None:
+            spec.share_mode = caffe_pb2.ParamSpec.DimCheckMode.Value(p.share_mode)
+        if p.lr_mult is not None:
+            spec.lr_mult = p.lr_mult
+        if p.decay_mult is not None:
+            spec.decay_mult = p.decay_mult
+    for rule in layer.include:
+        _rule_to_proto(rule, lp.include.add())
+    for rule in layer.exclude:
+        _rule_to_proto(rule, lp.exclude.add())
+    pfield = layer.param_field or param_field_for(layer.type)
+    if layer.attrs:
+        if pfield is None:
+            raise NetError(
+                f"{where}: has parameters {sorted(layer.attrs)} but type {layer.type!r} has no "
+                "*_param message in the schema"
+            )
+        dict_to_msg({pfield: layer.attrs}, lp, where)
+    dict_to_msg(layer.extra, lp, where)
+    if with_blobs:
+        for p in layer.params:
+            if p.data is None:
+                continue
+            b = lp.blobs.add()
+            b.shape.dim.extend(int(d) for d in p.data.shape)
+            b.data.extend(np.asarray(p.data, np.float32).ravel().tolist())
+    return lp
+
+
+# -- NetParameter <-> Net ---------------------------------------------------------------------
+def _line_of(text: str, offset_line: int) -> str:
+    lines = text.splitlines()
+    return lines[offset_line - 1].strip() if 0 < offset_line <= len(lines) else ""
+
+
+def read_net_param(path: PathLike) -> Any:
+    """Parse a text ``.prototxt`` into a ``NetParameter`` (no upgrade).
+
+    Raises:
+        ParseError: unreadable file, binary input, or a text-format error (with file:line).
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ParseError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if b"\x00" in raw[:4096]:
+        raise ParseError(
+            f"{p}: this looks like a binary file (a .caffemodel?), not a text .prototxt; "
+            "pass weights with --weights"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParseError(f"{p}: not UTF-8 text at byte {exc.start}; is this a .prototxt?") from None
+    msg = caffe_pb2.NetParameter()
+    try:
+        text_format.Parse(text, msg, allow_unknown_extension=False)
+    except text_format.ParseError as exc:
+        line = getattr(exc, "GetLine", lambda: None)()
+        col = getattr(exc, "GetColumn", lambda: None)()
+        detail = str(exc)
+        # protobuf prefixes "line:col : "; keep only the message part
+        if line is not None and detail.startswith(f"{line}:"):
+            detail = detail.split(" : ", 1)[-1]
+        hint = _parse_hint(detail, text)
+        loc = f"{p}:{line}:{col}" if line is not None else str(p)
+        src = _line_of(text, line) if line else ""
+        raise ParseError(
+            f"{loc}: {detail}" + (f" (in: {src!r})" if src else "") + (f". {hint}" if hint else "")
+        ) from None
+    return msg
+
+
+def _parse_hint(detail: str, text: str) -> str:
+    if "has no field named" in detail:
+        solver_words = ("base_lr", "lr_policy", "max_iter", "snapshot_prefix")
+        if any(w in text for w in solver_words) and "layer" not in text:
+            return "This looks like a solver file; give the net definition it names instead"
+        if "item" in detail and "LabelMap" not in detail and "label" in text:
+            return "This looks like an SSD labelmap, not a network definition"
+        return (
+            "The field is not in Caffe's schema nor in the forks we know; check its spelling, "
+            "or remove it if your Caffe fork added it"
+        )
+    return ""
+
+
+def net_from_proto(msg: Any, source: str | None = None, upgrades: list[str] | None = None) -> Net:
+    """Build a :class:`Net` from an already-upgraded (V2) ``NetParameter``."""
+    extra: dict[str, Any] = {}
+    for fd, value in msg.ListFields():
+        if fd.name in ("name", "layer"):
+            continue
+        extra[fd.name] = (
+            [_value_to_py(fd, v) for v in value] if _is_repeated(fd) else _value_to_py(fd, value)
+        )
+    layers = [layer_from_proto(lp) for lp in msg.layer]
+    return Net(msg.name, layers, extra, source, upgrades)
+
+
+def net_to_proto(net: Net, *, with_blobs: bool = False) -> Any:
+    """The ``NetParameter`` for ``net``."""
+    msg = caffe_pb2.NetParameter()
+    if net.name:
+        msg.name = net.name
+    dict_to_msg(net.extra, msg, f"net {net.name!r}")
+    for layer in net.layers:
+        msg.layer.append(layer_to_proto(layer, with_blobs=with_blobs))
+    return msg
+
+
+def net_to_text(net: Net) -> str:
+    """The ``.prototxt`` text for ``net`` (protobuf's own text format, as Caffe reads it)."""
+    return text_format.MessageToString(net_to_proto(net))
+
+
+# -- weights ----------------------------------------------------------------------------------
+class WeightReport:
+    """What :func:`attach_weights` did: layers given weights, and weight-file layers unused."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        self.unused: list[str] = []
+        self.splits_ignored: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loaded": list(self.loaded),
+            "unused": list(self.unused),
+            "splits_ignored": self.splits_ignored,
+        }
+
+
+def attach_weights(net: Net, wf: _wire.WeightFile) -> WeightReport:
+    """Give each layer of ``net`` the blobs of the same-named layer in ``wf`` (all phases).
+
+    Blobs are kept as read-only (memory-mapped) arrays. Legacy 4-D blob shapes are reshaped to
+    what the definition implies when shape inference can tell (Caffe compares trailing axes).
+    """
+    report = WeightReport()
+    records: dict[str, _wire.LayerRecord] = {}
+    for rec in wf.layers:
+        if rec.is_split:
+            report.splits_ignored += 1
+            continue
+        records.setdefault(rec.name, rec)
+    used: set[str] = set()
+    for layer in net.layers:
+        rec = records.get(layer.name)
+        if rec is None or not rec.blobs:
+            continue
+        used.add(layer.name)
+        for i, blob in enumerate(rec.blobs):
+            while len(layer.params) <= i:
+                layer.params.append(Param())
+            layer.params[i].data = blob.data
+        if layer.name not in report.loaded:
+            report.loaded.append(layer.name)
+    report.unused = [r.name for r in wf.layers if not r.is_split and r.name not in used and r.blobs]
+    _fix_legacy_shapes(net)
+    return report
+
+
+def _fix_legacy_shapes(net: Net) -> None:
+    """Reshape legacy (num, channels, height, width) blobs to the shapes Caffe would create."""
+    suspects = [
+        lay for lay in net.layers
+        if any(p.data is not None and p.data.ndim == 4 for p in lay.params)
+        and lay.type not in ("Convolution", "Deconvolution")
+    ]
+    if not suspects:
+        return
+    try:
+        from .dataflow import resolve
+        from .net import NetState
+        from .shapes import infer
+    except ImportError:  # shape inference unavailable: keep stored shapes
+        return
+    for phase in ("TEST", "TRAIN"):
+        try:
+            flow = resolve(net, NetState(phase))
+            info = infer(flow)
+        except SurgeryError:
+            continue
+        for node in flow.nodes:
+            if node.layer not in suspects:
+                continue
+            try:
+                want = info.params(node)
+            except Exception:  # noqa: BLE001 - unknown shapes: leave as stored
+                continue
+            for p, shape in zip(node.layer.params, want or [], strict=False):
+                if (
+                    p.data is not None
+                    and shape is not None
+                    and p.data.shape != tuple(shape)
+                    and p.data.size == int(np.prod(shape))
+                    and _trailing_equal(p.data.shape, tuple(shape))
+                ):
+                    p.data = freeze_array(p.data.reshape(shape))
+
+
+def _trailing_equal(legacy: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Caffe's Blob::ShapeEquals for legacy 4-D blobs: leading 1s, then the same dims."""
+    if len(shape) > 4:
+        return False
+    padded = (1,) * (4 - len(shape)) + shape
+    return tuple(legacy) == padded
+
+
+# -- public entry points ----------------------------------------------------------------------
+def load(
+    prototxt: PathLike,
+    weights: PathLike | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Net:
+    """Read a network definition (any Caffe format) and optionally its weights.
+
+    Args:
+        prototxt: a text ``.prototxt`` (V0, V1 or V2; upgraded as Caffe does).
+        weights: a binary ``.caffemodel`` (V0, V1 or V2), matched to layers by name.
+        progress: called with (bytes done, bytes total) while scanning weights.
+
+    Returns:
+        The net; ``net.upgrades`` lists the upgrades applied; with weights,
+        ``net.weight_report`` says which layers got weights and which were unused.
+
+    Raises:
+        ParseError: the file cannot be read or parsed (message names file and line).
+        NetError: the definition is inconsistent in a way the upgrade cannot fix.
+    """
+    from .upgrade import upgrade_net
+
+    msg = read_net_param(prototxt)
+    try:
+        notes = upgrade_net(msg, str(prototxt))
+    except ValueError as exc:
+        raise ParseError(f"{prototxt}: {exc}") from None
+    net = net_from_proto(msg, str(prototxt), notes)
+    if weights is not None:
+        wf = read_weights(weights, progress=progress)
+        net.weight_report = attach_weights(net, wf)  # type: ignore[attr-defined]
+        net.weights_source = str(weights)
+    return net
+
+
+def read_weights(
+    path: PathLike, *, progress: Callable[[int, int], None] | None = None
+) -> _wire.WeightFile:
+    """Scan a ``.caffemodel`` (zero-copy, memory-mapped).
+
+    Raises:
+        ParseError: unreadable, truncated or not a caffemodel.
+    """
+    try:
+        return _wire.read_caffemodel(path, progress=progress)
+    except OSError as exc:
+        raise ParseError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ParseError(str(exc)) from None
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder + rename."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save(
+    net: Net,
+    prototxt: PathLike | None = None,
+    weights: PathLike | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write the definition and/or the weights, each atomically (temp file + rename).
+
+    The caffemodel is V2 (``layer``, field 100): one record per layer name that has weights,
+    with the full layer definition, as Caffe's ``Net::ToProto`` writes it.
+
+    Raises:
+        NetError: the net cannot be expressed in Caffe's schema.
+        SurgeryError: a weights file is requested but the net has no weights.
+    """
+    if prototxt is not None:
+        write_text_atomic(prototxt, net_to_text(net))
+    if weights is not None:
+        records = []
+        seen: set[str] = set()
+        for layer in net.layers:
+            if layer.name in seen or not layer.has_weights:
+                continue
+            seen.add(layer.name)
+            missing = [i for i, p in enumerate(layer.params) if p.data is None]
+            if missing:
+                raise NetError(
+                    f"layer {layer.name!r} has weights for some blobs but not blob(s) {missing}; "
+                    "fill them (e.g. with surgery transplant) before saving a caffemodel"
+                )
+            header = layer_to_proto(layer).SerializeToString()
+            records.append((header, [p.data for p in layer.params]))
+        if not records:
+            raise SurgeryError(f"{weights}: the net has no weights to write")
+        head = caffe_pb2.NetParameter()
+        if net.name:
+            head.name = net.name
+        try:
+            _wire.write_caffemodel(weights, head.SerializeToString(), records, progress=progress)
+        except OSError as exc:
+            raise SurgeryError(f"{weights}: cannot write: {exc.strerror or exc}") from None

@@ -1,0 +1,151 @@
+"""``check(net)``: find what Caffe would refuse, before it does.
+
+Cases (each problem names the layer and says how to fix it):
+
+1. A layer with both include and exclude rules.
+2. In each default state (TRAIN and TEST): an unknown bottom, or a top produced by multiple
+   sources (Caffe's ``Net::Init``).
+3. BatchNorm with a ``param`` whose lr_mult is not 0 (Caffe refuses to learn BN statistics).
+4. More ``param { }`` entries than the layer has learnable blobs.
+5. Shapes that cannot be computed (mismatched Eltwise/Concat bottoms, kernel larger than the
+   input...), and loaded weights whose shape differs from what the definition implies.
+6. Two layers with the same name in one phase (weights are matched by name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .dataflow import resolve
+from .errors import NetError, SurgeryError
+from .net import Net, NetState
+
+__all__ = ["Problem", "check", "assert_valid"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding. ``severity`` is ``"error"`` (Caffe refuses) or ``"warning"``."""
+
+    severity: str
+    layer: str | None
+    message: str
+    phase: str | None = None
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer!r}: " if self.layer else ""
+        phase = f" [{self.phase}]" if self.phase else ""
+        return f"{self.severity}{phase}: {where}{self.message}"
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+def check(net: Net, states: tuple[NetState, ...] | None = None) -> list[Problem]:
+    """Every problem Caffe would report for ``net`` (empty list when it is valid).
+
+    Args:
+        net: the net to lint.
+        states: the states to instantiate (default: TEST and TRAIN).
+    """
+    from .shapes import infer  # local: keeps `import surgery.check` light
+
+    problems: list[Problem] = []
+    for lay in net.layers:  # case 1
+        if lay.include and lay.exclude:
+            problems.append(
+                Problem("error", lay.name, "has both include and exclude rules; keep only one")
+            )
+        if lay.type == "BatchNorm":  # case 3
+            for i, p in enumerate(lay.params):
+                if p.lr_mult is not None and p.lr_mult != 0:
+                    problems.append(
+                        Problem(
+                            "error",
+                            lay.name,
+                            f"BatchNorm param {i} has lr_mult {p.lr_mult:g}; Caffe requires 0 "
+                            "(its statistics are not learned). Set lr_mult: 0 or remove the "
+                            "param entries",
+                        )
+                    )
+    if any(p.severity == "error" and "include and exclude" in p.message for p in problems):
+        return problems
+    seen_param_errors: set[tuple[str, int]] = set()
+    for state in states or (NetState("TEST"), NetState("TRAIN")):
+        try:
+            flow = resolve(net, state)
+        except NetError as exc:  # case 2
+            problems.append(Problem("error", None, str(exc), state.phase))
+            continue
+        names: dict[str, int] = {}
+        for node in flow.nodes:  # case 6
+            names[node.layer.name] = names.get(node.layer.name, 0) + 1
+        for name, count in names.items():
+            if count > 1:
+                problems.append(
+                    Problem(
+                        "warning",
+                        name,
+                        f"{count} layers share this name in one phase; weights are matched by "
+                        "name, so give each a unique name",
+                        state.phase,
+                    )
+                )
+        try:
+            info = infer(flow)
+        except SurgeryError as exc:  # case 5
+            problems.append(Problem("error", None, str(exc), state.phase))
+            continue
+        for node in flow.nodes:
+            lay = node.layer
+            try:
+                want = info.params(node)
+            except SurgeryError as exc:
+                problems.append(Problem("error", lay.name, str(exc), state.phase))
+                continue
+            if want is None or node not in info.node_params:  # bottoms' shapes unknown
+                continue
+            key = (lay.name, id(lay))
+            declared = sum(1 for p in lay.params if p.declared)
+            if declared > len(want) and key not in seen_param_errors:  # case 4
+                seen_param_errors.add(key)
+                problems.append(
+                    Problem(
+                        "error",
+                        lay.name,
+                        f"{declared} param entries but {lay.type} has {len(want)} learnable "
+                        f"blob(s); remove the extra param {{ }} entries",
+                        state.phase,
+                    )
+                )
+            for i, (p, shape) in enumerate(zip(lay.params, want, strict=False)):  # case 5
+                if p.data is None or shape is None or (lay.name, i) in seen_param_errors:
+                    continue
+                if tuple(p.data.shape) != tuple(shape) and not (
+                    p.data.size == int(np.prod(shape)) and p.data.ndim == 4
+                ):
+                    seen_param_errors.add((lay.name, i))
+                    problems.append(
+                        Problem(
+                            "error",
+                            lay.name,
+                            f"blob {i} has shape {tuple(p.data.shape)} but the definition "
+                            f"implies {tuple(shape)}; rename the layer to re-learn it, or fix "
+                            "num_output/kernel settings",
+                            state.phase,
+                        )
+                    )
+    return problems
+
+
+def assert_valid(net: Net) -> None:
+    """Raise :class:`NetError` listing every error :func:`check` finds.
+
+    Raises:
+        NetError: at least one error-severity problem.
+    """
+    errors = [p for p in check(net) if p.severity == "error"]
+    if errors:
+        raise NetError("; ".join(str(p) for p in errors))

@@ -1,0 +1,301 @@
+"""The ``surgery`` command line: thin verbs over the library.
+
+Each verb: load -> op -> check -> save atomically -> print the report. A
+:class:`~surgery.errors.SurgeryError` prints one line on stderr and exits 2 (``--debug`` shows
+the traceback). Torch and onnx are imported only by the verbs that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import SurgeryError
+
+__all__ = ["main", "build_parser", "CliError", "ensure_output", "emit"]
+
+
+class CliError(SurgeryError):
+    """Bad command-line usage (exit code 2)."""
+
+
+def ensure_output(inputs: Sequence[str | os.PathLike[str] | None], output: str | None,
+                  in_place: bool = False, what: str = "-o") -> None:
+    """Refuse to overwrite an input unless ``--in-place`` was given.
+
+    Raises:
+        CliError: the output names one of the inputs.
+    """
+    if output is None:
+        return
+    out = Path(output).resolve()
+    for src in inputs:
+        if src is not None and Path(src).resolve() == out and not in_place:
+            raise CliError(
+                f"{what} {output} would overwrite the input {src}; choose another path or pass "
+                "--in-place"
+            )
+    parent = out.parent
+    if not parent.is_dir():
+        raise CliError(f"{what} {output}: folder {parent} does not exist")
+
+
+def emit(report: dict[str, Any], text: str, as_json: bool) -> None:
+    """Print a report as JSON or as text."""
+    if as_json:
+        print(json.dumps(report, indent=1, default=_json_default))
+    else:
+        print(text)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+# -- info -------------------------------------------------------------------------------------
+def _fmt_shape(shape: Sequence[int] | None) -> str:
+    return "?" if shape is None else "x".join(str(d) for d in shape) or "scalar"
+
+
+def _fmt_mult(v: float) -> str:
+    return f"{v:g}"
+
+
+def info_report(net: Any, phase: str = "TEST") -> dict[str, Any]:
+    """The data behind ``surgery info``: layers, totals, upgrades and problems."""
+    import numpy as np
+
+    from .check import check
+    from .dataflow import implicit_splits, resolve
+    from .net import NetState
+    from .shapes import infer
+
+    flow = resolve(net, NetState(phase))
+    info = infer(flow)
+    splits: dict[int, list[Any]] = {}
+    for sp in implicit_splits(flow):
+        splits.setdefault(id(sp.after), []).append(sp)
+    layers = []
+    total_params = 0
+    total_macs = 0
+    for node in flow.nodes:
+        lay = node.layer
+        try:
+            shapes = info.params(node) or []
+        except SurgeryError:
+            shapes = []
+        params = []
+        n_blobs = max(len(shapes), sum(1 for p in lay.params if p.data is not None))
+        for i in range(n_blobs):
+            p = lay.params[i] if i < len(lay.params) else None
+            shape = (
+                list(p.data.shape) if p is not None and p.data is not None
+                else (list(shapes[i]) if i < len(shapes) and shapes[i] is not None else None)
+            )
+            if shape is not None:
+                total_params += int(np.prod(shape))
+            params.append(
+                {
+                    "shape": shape,
+                    "lr_mult": 1.0 if p is None else p.effective_lr_mult,
+                    "decay_mult": 1.0 if p is None else p.effective_decay_mult,
+                    "loaded": p is not None and p.data is not None,
+                }
+            )
+        macs = info.macs(node) or 0
+        total_macs += macs
+        layers.append(
+            {
+                "name": lay.name,
+                "type": lay.type,
+                "bottoms": list(lay.bottoms),
+                "tops": list(lay.tops),
+                "top_shapes": [None if s is None else list(s) for s in info.tops(node)],
+                "params": params,
+                "frozen": bool(params) and all(p["lr_mult"] == 0 for p in params),
+                "macs": macs,
+            }
+        )
+        for sp in splits.get(id(node), []):  # Caffe inserts these right after the producer
+            shape = info.shape(sp.value)
+            layers.append(
+                {
+                    "name": sp.name,
+                    "type": "Split",
+                    "implicit": True,
+                    "bottoms": [sp.value.name],
+                    "tops": list(sp.tops),
+                    "top_shapes": [None if shape is None else list(shape)] * len(sp.tops),
+                    "params": [],
+                    "frozen": False,
+                    "macs": 0,
+                }
+            )
+    problems = [p.as_dict() for p in check(net)]
+    return {
+        "net": net.name,
+        "source": net.source,
+        "weights": net.weights_source,
+        "phase": phase,
+        "layers": layers,
+        "outputs": [v.name for v in flow.outputs],
+        "totals": {
+            "layers": sum(1 for lay in layers if not lay.get("implicit")),
+            "implicit_splits": sum(1 for lay in layers if lay.get("implicit")),
+            "params": total_params,
+            "macs": total_macs,
+            "learnable_layers": sum(1 for lay in layers if lay["params"]),
+            "frozen_layers": sum(1 for lay in layers if lay["frozen"]),
+        },
+        "upgrades": list(net.upgrades),
+        "problems": problems,
+    }
+
+
+def info_text(rep: dict[str, Any]) -> str:
+    rows = [("layer", "type", "bottoms -> tops", "top shapes", "learnable blobs (lr/decay)")]
+    for lay in rep["layers"]:
+        blobs = ", ".join(
+            f"{_fmt_shape(p['shape'])} ({_fmt_mult(p['lr_mult'])}/{_fmt_mult(p['decay_mult'])})"
+            for p in lay["params"]
+        )
+        if lay["frozen"]:
+            blobs += "  [frozen]"
+        rows.append(
+            (
+                lay["name"],
+                lay["type"] + (" (implicit)" if lay.get("implicit") else ""),
+                f"{','.join(lay['bottoms']) or '-'} -> {','.join(lay['tops']) or '-'}",
+                " ".join(_fmt_shape(s) for s in lay["top_shapes"]) or "-",
+                blobs or "-",
+            )
+        )
+    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(4)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+        for r in rows
+    ]
+    t = rep["totals"]
+    lines.append("")
+    lines.append(
+        f"{rep['phase']} net {rep['net']!r}: {t['layers']} layers, {t['params']:,} parameters, "
+        f"{t['macs']:,} multiply-adds per forward pass, {t['frozen_layers']}/"
+        f"{t['learnable_layers']} learnable layers frozen; outputs: {', '.join(rep['outputs'])}"
+    )
+    for u in rep["upgrades"]:
+        lines.append(f"upgrade: {u}")
+    for p in rep["problems"]:
+        where = f"layer {p['layer']!r}: " if p["layer"] else ""
+        phase = f" [{p['phase']}]" if p["phase"] else ""
+        lines.append(f"{p['severity']}{phase}: {where}{p['message']}")
+    if not rep["problems"]:
+        lines.append("check: no problems found")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .caffe_io import load
+
+    net = load(args.net, args.weights)
+    rep = info_report(net, args.phase.upper())
+    emit(rep, info_text(rep), args.json)
+    return 0
+
+
+# -- upgrade ----------------------------------------------------------------------------------
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .caffe_io import load, save
+
+    ensure_output([args.net, args.weights], args.output, args.in_place)
+    ensure_output([args.net, args.weights], args.out_weights, args.in_place, "--out-weights")
+    if args.weights and not args.out_weights:
+        raise CliError("--weights needs --out-weights (where to write the upgraded caffemodel)")
+    net = load(args.net, args.weights)
+    save(net, args.output, args.out_weights if args.weights else None)
+    rep = {
+        "output": args.output,
+        "out_weights": args.out_weights,
+        "upgrades": net.upgrades,
+    }
+    text = "\n".join(f"upgrade: {u}" for u in net.upgrades) or "already in the current format"
+    text += f"\nwrote {args.output}" + (f" and {args.out_weights}" if args.out_weights else "")
+    emit(rep, text, args.json)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb registered."""
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Model surgery on Caffe networks (prototxt + caffemodel).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("info", help="layers, shapes, params, lr multipliers, problems")
+    p.add_argument("net", help="NET.prototxt")
+    p.add_argument("--weights", help="W.caffemodel")
+    p.add_argument("--phase", default="test", choices=["train", "test", "TRAIN", "TEST"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("upgrade", help="rewrite a legacy V0/V1 definition (and weights) as V2")
+    p.add_argument("net", help="OLD.prototxt")
+    p.add_argument("-o", "--output", required=True, help="NEW.prototxt")
+    p.add_argument("--weights", help="OLD.caffemodel")
+    p.add_argument("--out-weights", help="NEW.caffemodel")
+    p.add_argument("--in-place", action="store_true", help="allow overwriting the inputs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_upgrade)
+
+    for module in ("cli_ops", "cli_graph", "cli_export"):
+        try:
+            mod = __import__(f"{__package__}.{module}", fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{module}":
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SurgeryError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"surgery {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
