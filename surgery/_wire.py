@@ -440,6 +440,15 @@ def _looks_like_text(buf: mmap.mmap) -> bool:
     return all(b in _TEXT_BYTES for b in head) and bool(_TEXT_START.match(head))
 
 
+def _advise(buf: mmap.mmap, advice: str) -> None:
+    # madvise is a hint: absent on some platforms, and failing it changes nothing but speed.
+    if hasattr(mmap, advice) and hasattr(buf, "madvise"):
+        try:
+            buf.madvise(getattr(mmap, advice))
+        except OSError:
+            pass
+
+
 def _where(buf: mmap.mmap, err: _WireError, layers: list[LayerRecord]) -> str:
     """Name the layer an error is in, for the message."""
     if err.layer is not None:
@@ -487,6 +496,11 @@ def read_caffemodel(path: str | os.PathLike[str], progress: Progress | None = No
             return WeightFile(fspath, [], b"", "empty")
         # The mapping outlives the file object: numpy views keep it alive through `.base`.
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # The scan touches a few bytes between long tensors. With the default advice every cold page
+    # fault reads ahead (read_ahead_kb, often megabytes) into tensor data nobody asked for yet;
+    # random advice makes it read only the pages holding field headers. Restored afterwards so
+    # whoever reads the tensors gets the usual readahead.
+    _advise(buf, "MADV_RANDOM")
     if _looks_like_text(buf):
         raise ValueError(
             f"{fspath}: this is a text prototxt, not a binary caffemodel; "
@@ -509,6 +523,8 @@ def read_caffemodel(path: str | os.PathLike[str], progress: Progress | None = No
         raise ValueError(
             f"{fspath}: {err.what} at byte {err.offset}{_where(buf, err, layers)} ({_HINT})"
         ) from None
+    finally:
+        _advise(buf, "MADV_NORMAL")
     if "V2" in formats and len(formats) > 1:
         # Caffe refuses this too (UpgradeV0Net / UpgradeV1Net: "both 'layer' and 'layers'").
         raise ValueError(f"{fspath}: has both 'layer' (V2) and 'layers' (V1) fields")

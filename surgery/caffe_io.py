@@ -146,8 +146,10 @@ def _blob_from_proto(b: Any) -> np.ndarray:
         shape = (b.num, b.channels, b.height, b.width)
     else:
         shape = (len(b.data) or len(b.double_data),)
-    data = np.asarray(b.double_data, np.float64) if len(b.double_data) else np.asarray(
-        b.data, np.float32
+    data = (
+        np.asarray(b.double_data, np.float64)
+        if len(b.double_data)
+        else np.asarray(b.data, np.float32)
     )
     return freeze_array(data.reshape(shape))
 
@@ -384,7 +386,8 @@ def attach_weights(net: Net, wf: _wire.WeightFile) -> WeightReport:
 def _fix_legacy_shapes(net: Net) -> None:
     """Reshape legacy (num, channels, height, width) blobs to the shapes Caffe would create."""
     suspects = [
-        lay for lay in net.layers
+        lay
+        for lay in net.layers
         if any(p.data is not None and p.data.ndim == 4 for p in lay.params)
         and lay.type not in ("Convolution", "Deconvolution")
     ]

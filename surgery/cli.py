@@ -25,8 +25,12 @@ class CliError(SurgeryError):
     """Bad command-line usage (exit code 2)."""
 
 
-def ensure_output(inputs: Sequence[str | os.PathLike[str] | None], output: str | None,
-                  in_place: bool = False, what: str = "-o") -> None:
+def ensure_output(
+    inputs: Sequence[str | os.PathLike[str] | None],
+    output: str | None,
+    in_place: bool = False,
+    what: str = "-o",
+) -> None:
     """Refuse to overwrite an input unless ``--in-place`` was given.
 
     Raises:
@@ -106,7 +110,8 @@ def info_report(net: Any, phase: str = "TEST") -> dict[str, Any]:
         for i in range(n_blobs):
             p = lay.params[i] if i < len(lay.params) else None
             shape = (
-                list(p.data.shape) if p is not None and p.data is not None
+                list(p.data.shape)
+                if p is not None and p.data is not None
                 else (list(shapes[i]) if i < len(shapes) and shapes[i] is not None else None)
             )
             if shape is not None:

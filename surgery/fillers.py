@@ -20,7 +20,15 @@ from .net import Layer
 __all__ = ["fill", "layer_fillers", "fill_layer", "FILLER_TYPES", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 20240601  # reported by every verb that draws random values
-FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+FILLER_TYPES = (
+    "constant",
+    "uniform",
+    "gaussian",
+    "positive_unitball",
+    "xavier",
+    "msra",
+    "bilinear",
+)
 
 
 def _fans(shape: tuple[int, ...]) -> tuple[float, float]:
@@ -40,7 +48,9 @@ def _norm(filler: dict[str, Any], shape: tuple[int, ...]) -> float:
     return fan_in
 
 
-def fill(filler: dict[str, Any] | None, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+def fill(
+    filler: dict[str, Any] | None, shape: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
     """Values for a blob of ``shape`` drawn as Caffe's filler ``filler`` would.
 
     Args:
@@ -105,8 +115,14 @@ def layer_fillers(layer: Layer) -> list[dict[str, Any]]:
     """The filler of each learnable blob of ``layer``, as Caffe would apply it."""
     a = layer.attrs
     t = layer.type
-    if t in ("Convolution", "Deconvolution", "InnerProduct", "ConvolutionDepthwise",
-             "DepthwiseConvolution", "Embed"):
+    if t in (
+        "Convolution",
+        "Deconvolution",
+        "InnerProduct",
+        "ConvolutionDepthwise",
+        "DepthwiseConvolution",
+        "Embed",
+    ):
         return [a.get("weight_filler", _CONST0), a.get("bias_filler", _CONST0)]
     if t == "Scale":
         return [a.get("filler", _CONST1), a.get("bias_filler", _CONST0)]
@@ -121,7 +137,9 @@ def layer_fillers(layer: Layer) -> list[dict[str, Any]]:
     return []
 
 
-def fill_layer(layer: Layer, shapes: Sequence[Sequence[int]], rng: np.random.Generator) -> list[np.ndarray]:
+def fill_layer(
+    layer: Layer, shapes: Sequence[Sequence[int]], rng: np.random.Generator
+) -> list[np.ndarray]:
     """Fresh values for every learnable blob of ``layer`` from its fillers."""
     fillers = layer_fillers(layer)
     return [

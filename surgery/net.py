@@ -286,9 +286,7 @@ class Net:
 
     def _check_new_name(self, layer: Layer) -> None:
         if self.layers_named(layer.name):
-            raise NetError(
-                f"a layer named {layer.name!r} already exists; choose another name"
-            )
+            raise NetError(f"a layer named {layer.name!r} already exists; choose another name")
 
     def insert(self, index: int, layer: Layer) -> Layer:
         """Insert ``layer`` at ``index`` (names must be unique among new layers)."""

@@ -383,7 +383,7 @@ def _legacy(shape: Shape, index: int) -> int:
 
 
 def _same(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
-    return [bottoms[0]] * len(layer.tops)
+    return [bottoms[0]]
 
 
 # -- data layers ------------------------------------------------------------------------------
@@ -570,7 +570,7 @@ def _conv(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
             )
         out.append((padded - g.extent[i]) // g.stride[i] + 1)  # Caffe rounds down
     top = b[: g.channel_axis] + (g.num_output,) + tuple(out)
-    return [top] * len(layer.tops)
+    return [top] * len(bottoms)  # one top per bottom, all of the same shape
 
 
 @shape_rule("Deconvolution")
@@ -589,7 +589,7 @@ def _deconv(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
             )
         out.append(o)
     top = b[: g.channel_axis] + (g.num_output,) + tuple(out)
-    return [top] * len(layer.tops)
+    return [top] * len(bottoms)  # one top per bottom, all of the same shape
 
 
 def _bias(layer: Layer, n: int) -> list[Shape]:
@@ -756,8 +756,12 @@ shape_rule(
     "Dropout",
     "Softmax",
     "MVN",
-    "Split",
 )(_same)
+
+
+@shape_rule("Split")
+def _split(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
+    return [bottoms[0]] * len(layer.tops)
 
 
 @shape_rule("PReLU")

@@ -131,7 +131,7 @@ def _child(mode: str, path: str) -> None:
             data = f.read()
         assert len(data) == os.path.getsize(path)
     loaded = time.perf_counter()
-    total = sum(float(np.sum(a, dtype=np.float64)) for a in arrays)
+    total = sum(float(np.sum(a)) for a in arrays)
     touched = time.perf_counter()
     peak = _status_kib("VmHWM")  # peak resident set, file-backed mmap pages included
     json.dump(

@@ -77,8 +77,9 @@ def flows(net: Net, *, strict: bool = False) -> dict[str, Dataflow]:
     return out
 
 
-def make_rng(seed: int | None = None, rng: np.random.Generator | None = None
-             ) -> tuple[np.random.Generator, int | None]:
+def make_rng(
+    seed: int | None = None, rng: np.random.Generator | None = None
+) -> tuple[np.random.Generator, int | None]:
     """The generator an op draws from, and the seed to report.
 
     ``rng`` wins when given (its seed is unknown: reported as None); otherwise ``seed``
@@ -92,8 +93,14 @@ def make_rng(seed: int | None = None, rng: np.random.Generator | None = None
     return np.random.default_rng(seed), seed
 
 
-_BATCH_FIELDS = ("data_param", "image_data_param", "hdf5_data_param", "window_data_param",
-                 "memory_data_param", "video_data_param")
+_BATCH_FIELDS = (
+    "data_param",
+    "image_data_param",
+    "hdf5_data_param",
+    "window_data_param",
+    "memory_data_param",
+    "video_data_param",
+)
 
 
 def guess_input_shapes(flow: Dataflow) -> dict[str, tuple[int, ...]]:
@@ -166,8 +173,9 @@ def _channels(flow: Dataflow, node: Any) -> int | None:
     return None
 
 
-def infer_shapes(net: Net, phase: str = "TEST", input_shapes: dict[str, Any] | None = None,
-                 *, guess: bool = True) -> tuple[Dataflow, Any]:
+def infer_shapes(
+    net: Net, phase: str = "TEST", input_shapes: dict[str, Any] | None = None, *, guess: bool = True
+) -> tuple[Dataflow, Any]:
     """Resolve ``net`` for ``phase`` and infer its shapes (:func:`surgery.shapes.infer`).
 
     Args:
@@ -201,8 +209,9 @@ def _infos(net: Net) -> list[tuple[Dataflow, Any]]:
     return out
 
 
-def param_shapes(net: Net, layer: Layer | str, *, _cache: list[Any] | None = None
-                 ) -> list[tuple[int, ...]]:
+def param_shapes(
+    net: Net, layer: Layer | str, *, _cache: list[Any] | None = None
+) -> list[tuple[int, ...]]:
     """The learnable blob shapes Caffe would create for ``layer`` (its first phase that
     resolves and infers).
 
@@ -244,8 +253,14 @@ def learnable_count(layer: Layer) -> int:
     from ..layers import attr
 
     t = layer.type
-    if t in ("Convolution", "Deconvolution", "InnerProduct", "ConvolutionDepthwise",
-             "DepthwiseConvolution", "Embed"):
+    if t in (
+        "Convolution",
+        "Deconvolution",
+        "InnerProduct",
+        "ConvolutionDepthwise",
+        "DepthwiseConvolution",
+        "Embed",
+    ):
         return 2 if attr(layer, "bias_term", True) else 1
     if t == "Scale":
         return (1 if len(layer.bottoms) < 2 else 0) + (1 if attr(layer, "bias_term", False) else 0)
@@ -266,8 +281,7 @@ def ensure_params(layer: Layer, count: int) -> None:
         layer.params.append(Param())
 
 
-def new_layer_weights(net: Net, layer: Layer | str, rng: np.random.Generator
-                      ) -> list[np.ndarray]:
+def new_layer_weights(net: Net, layer: Layer | str, rng: np.random.Generator) -> list[np.ndarray]:
     """Fresh values for every learnable blob of ``layer``, drawn from its fillers
     (:func:`surgery.fillers.layer_fillers`) with shapes from shape inference.
 
@@ -282,8 +296,9 @@ def new_layer_weights(net: Net, layer: Layer | str, rng: np.random.Generator
     return fill_layer(lay, param_shapes(net, lay), rng)
 
 
-def fill_new_weights(net: Net, names: Iterable[str], rng: np.random.Generator
-                     ) -> dict[str, list[tuple[int, ...]]]:
+def fill_new_weights(
+    net: Net, names: Iterable[str], rng: np.random.Generator
+) -> dict[str, list[tuple[int, ...]]]:
     """Give every layer called one of ``names`` fresh blobs from its fillers, in place on
     ``net`` (which must be the op's own copy). TRAIN/TEST twins get the same arrays.
 
@@ -306,7 +321,7 @@ def fill_new_weights(net: Net, names: Iterable[str], rng: np.random.Generator
         blobs = fill_layer(twins[0], shapes, rng)
         for lay in twins:
             ensure_params(lay, len(blobs))
-            del lay.params[len(blobs):]
+            del lay.params[len(blobs) :]
             for p, b in zip(lay.params, blobs, strict=True):
                 p.data = b
         out[name] = [tuple(b.shape) for b in blobs]
@@ -415,8 +430,13 @@ def unique_name(net: Net, base: str, *, blobs: bool = True) -> str:
     return name
 
 
-def match_globs(net: Net, patterns: Iterable[str] | str | None, *, what: str = "--layers",
-                candidates: Sequence[Layer] | None = None) -> list[str]:
+def match_globs(
+    net: Net,
+    patterns: Iterable[str] | str | None,
+    *,
+    what: str = "--layers",
+    candidates: Sequence[Layer] | None = None,
+) -> list[str]:
     """Layer names (unique, net order) matching any glob; each glob must match something.
 
     Args:

@@ -1,0 +1,35 @@
+"""Exports of a :class:`~surgery.net.Net` to PyTorch and ONNX, numerically equal to Caffe.
+
+Imported lazily: ``import surgery.export`` pulls neither torch nor onnx until a function is used.
+
+* :func:`to_torch`, :func:`save_torch`, :func:`param_groups`, :func:`run_blobs` --
+  :mod:`surgery.export.torch` (a ``torch.fx.GraphModule`` built directly, no tracing).
+* :func:`to_onnx` and friends -- :mod:`surgery.export.onnx`.
+* :mod:`surgery.export.common` -- the lowering facts both exporters share.
+* :mod:`surgery.export.reference` -- a small numpy reference of the tricky layer semantics.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "to_torch": "torch",
+    "save_torch": "torch",
+    "param_groups": "torch",
+    "run_blobs": "torch",
+    "torch_supported_types": "torch",
+    "to_onnx": "onnx",
+    "save_onnx": "onnx",
+    "plan": "common",
+    "ExportPlan": "common",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'surgery.export' has no attribute {name!r}")

@@ -1,0 +1,423 @@
+"""Runtime pieces of exported PyTorch models: Caffe semantics PyTorch lacks.
+
+This module imports only ``math`` and ``torch``: its source is copied verbatim into every
+generated ``model.py`` so that file needs nothing but torch. Keep it self-contained (no
+imports from ``surgery``), and keep every top-level name prefixed ``caffe_`` or ``Caffe``.
+"""
+
+# ruff: noqa: B008
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CAFFE_FLT_MIN = 1.1754943508222875e-38
+CAFFE_FLT_LOWEST = -3.4028234663852886e38
+
+
+# -- pooling ----------------------------------------------------------------------------------
+def caffe_pool_out(size: int, k: int, p: int, s: int, ceil: bool, any_pad: bool) -> int:
+    """Caffe's pooled size on one axis (ceil rounding, then the clip rule when padded)."""
+    span = size + 2 * p - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    if any_pad and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def caffe_pool_divisor(size: int, out: int, k: int, p: int, s: int) -> list[float]:
+    """AVE divisor per output position on one axis: the window clipped to size + pad."""
+    return [float(min(o * s - p + k, size + p) - (o * s - p)) for o in range(out)]
+
+
+def caffe_pool2d(
+    x: torch.Tensor,
+    method: str,
+    kernel: tuple[int, int] | None,
+    stride: tuple[int, int],
+    pad: tuple[int, int],
+    ceil: bool = True,
+    training: bool = False,
+) -> torch.Tensor:
+    """Caffe's Pooling on (N, C, H, W): MAX, AVE or STOCHASTIC (its TEST rule).
+
+    ``kernel=None`` is global pooling. The fast path calls PyTorch's pooling when its output
+    size and divisor equal Caffe's; otherwise the bottom is padded explicitly (the ceil-mode
+    overhang included) and AVE divides by Caffe's clipped window.
+    """
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if kernel is None:
+        kernel, stride, pad = (h, w), (1, 1), (0, 0)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    any_pad = bool(ph or pw)
+    oh = caffe_pool_out(h, kh, ph, sh, ceil, any_pad)
+    ow = caffe_pool_out(w, kw, pw, sw, ceil, any_pad)
+    if method == "STOCHASTIC":
+        # Caffe's TEST rule: sum(x^2) / sum(x) over the window, no padding.
+        eh = (oh - 1) * sh + kh - h
+        ew = (ow - 1) * sw + kw - w
+        xp = F.pad(x, (0, ew, 0, eh))
+        num = F.avg_pool2d(xp * xp, (kh, kw), (sh, sw)) * (kh * kw)
+        den = F.avg_pool2d(xp, (kh, kw), (sh, sw)) * (kh * kw) + CAFFE_FLT_MIN
+        return num / den
+    native = ph <= kh // 2 and pw <= kw // 2
+    if native:
+        for size, k, p, s, want in ((h, kh, ph, sh, oh), (w, kw, pw, sw, ow)):
+            span = size + 2 * p - k
+            o = (-(-span // s) if ceil else span // s) + 1
+            if ceil and (o - 1) * s >= size + p:
+                o -= 1
+            native = native and o == want
+    if native:
+        if method == "MAX":
+            return F.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil)
+        return F.avg_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil,
+                            count_include_pad=True)
+    eh = (oh - 1) * sh + kh - h - ph
+    ew = (ow - 1) * sw + kw - w - pw
+    if method == "MAX":
+        xp = F.pad(x, (pw, ew, ph, eh), value=CAFFE_FLT_LOWEST)
+        return F.max_pool2d(xp, (kh, kw), (sh, sw))
+    xp = F.pad(x, (pw, ew, ph, eh))
+    total = F.avg_pool2d(xp, (kh, kw), (sh, sw)) * float(kh * kw)
+    dh = torch.tensor(caffe_pool_divisor(h, oh, kh, ph, sh), dtype=total.dtype,
+                      device=total.device)
+    dw = torch.tensor(caffe_pool_divisor(w, ow, kw, pw, sw), dtype=total.dtype,
+                      device=total.device)
+    return total / (dh[:, None] * dw[None, :])
+
+
+def caffe_max_pool2d_mask(
+    x: torch.Tensor, kernel: tuple[int, int] | None, stride: tuple[int, int],
+    pad: tuple[int, int], ceil: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAX pooling with Caffe's second top: the argmax as a float index into the H*W plane."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if kernel is None:
+        kernel, stride, pad = (h, w), (1, 1), (0, 0)
+    out, idx = F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil, return_indices=True)
+    return out, idx.to(x.dtype)
+
+
+# -- normalization ----------------------------------------------------------------------------
+def caffe_lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
+              within_channel: bool) -> torch.Tensor:
+    """Caffe's LRN. ACROSS_CHANNELS: x / (k + alpha/n * sum_n x^2)^beta. WITHIN_CHANNEL:
+    x / (1 + alpha * avgpool_nxn(x^2))^beta with pad (n-1)/2 (divisor n*n at stride 1)."""
+    if not within_channel:
+        return F.local_response_norm(x, size, alpha, beta, k)
+    pad = (size - 1) // 2
+    sq = F.avg_pool2d(x * x, size, 1, pad, count_include_pad=True)
+    return x * torch.pow(1.0 + alpha * sq, -beta)
+
+
+class CaffeBatchNorm(nn.Module):
+    """Caffe's BatchNorm: no affine part; running stats already divided by Caffe's factor.
+
+    ``use_global_stats`` None follows ``self.training`` (Caffe: false in TRAIN, true in TEST);
+    True/False pins it as the layer said. Training updates the running statistics with
+    ``momentum = 1 - moving_average_fraction`` (and the unbiased variance, as Caffe).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.001,
+                 use_global_stats: bool | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.use_global_stats = use_global_stats
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ugs = (not self.training) if self.use_global_stats is None else self.use_global_stats
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None,
+                            training=not ugs, momentum=self.momentum, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.running_mean.numel()}, eps={self.eps}, momentum={self.momentum}, "
+                f"use_global_stats={self.use_global_stats}")
+
+
+def caffe_broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """View a Scale/Bias factor covering axes axis..axis+t.dim()-1 of an ndim-axis blob."""
+    return t.reshape((1,) * axis + tuple(t.shape) + (1,) * (ndim - axis - t.dim()))
+
+
+class CaffeScale(nn.Module):
+    """Caffe's Scale with a learned factor (and optional bias) over ``axis``..."""
+
+    def __init__(self, shape: tuple[int, ...], axis: int, bias: bool) -> None:
+        super().__init__()
+        self.axis = axis
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * caffe_broadcast(self.weight, x.dim(), self.axis)
+        if self.bias is not None:
+            y = y + caffe_broadcast(self.bias, x.dim(), self.axis)
+        return y
+
+
+class CaffeScale2(nn.Module):
+    """Caffe's Scale with the factor as a second bottom (optional learned bias)."""
+
+    def __init__(self, shape: tuple[int, ...], axis: int, bias: bool) -> None:
+        super().__init__()
+        self.axis = axis
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        y = x * caffe_broadcast(s, x.dim(), self.axis)
+        if self.bias is not None:
+            y = y + caffe_broadcast(self.bias, x.dim(), self.axis)
+        return y
+
+
+class CaffeBias(nn.Module):
+    """Caffe's Bias with a learned blob."""
+
+    def __init__(self, shape: tuple[int, ...], axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+        self.bias = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + caffe_broadcast(self.bias, x.dim(), self.axis)
+
+
+def caffe_bias2(x: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
+    """Caffe's Bias with the bias as a second bottom."""
+    return x + caffe_broadcast(b, x.dim(), axis)
+
+
+class CaffeNormalize(nn.Module):
+    """SSD's Normalize: x / sqrt(sum x^2 + eps) (over C,H,W or over C), times a scale."""
+
+    def __init__(self, channels: int, across_spatial: bool, eps: float) -> None:
+        super().__init__()
+        self.across_spatial = across_spatial
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.across_spatial:
+            dims = tuple(range(1, x.dim()))
+        else:
+            dims = (1,)
+        norm = torch.sqrt(torch.sum(x * x, dim=dims, keepdim=True) + self.eps)
+        return x / norm * caffe_broadcast(self.weight, x.dim(), 1)
+
+
+class CaffeInnerProduct(nn.Module):
+    """InnerProduct with ``transpose: true``: the weight kept in Caffe's (K, N) layout."""
+
+    def __init__(self, k: int, n: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(k, n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+# -- elementwise and shape functions ----------------------------------------------------------
+def caffe_eltwise_sum(xs: list[torch.Tensor], coeffs: list[float]) -> torch.Tensor:
+    """Eltwise SUM with coefficients, accumulated in bottom order as Caffe does."""
+    y = xs[0] if coeffs[0] == 1.0 else xs[0] * coeffs[0]
+    for x, c in zip(xs[1:], coeffs[1:]):
+        y = y + x if c == 1.0 else y + x * c
+    return y
+
+
+def caffe_eltwise_prod(xs: list[torch.Tensor]) -> torch.Tensor:
+    y = xs[0]
+    for x in xs[1:]:
+        y = y * x
+    return y
+
+
+def caffe_eltwise_max(xs: list[torch.Tensor]) -> torch.Tensor:
+    y = xs[0]
+    for x in xs[1:]:
+        y = torch.maximum(y, x)
+    return y
+
+
+def caffe_power(x: torch.Tensor, power: float, scale: float, shift: float) -> torch.Tensor:
+    """Caffe's Power: (shift + scale * x) ^ power."""
+    y = x
+    if scale != 1.0:
+        y = y * scale
+    if shift != 0.0:
+        y = y + shift
+    if power != 1.0:
+        y = torch.pow(y, power)
+    return y
+
+
+def caffe_exp(x: torch.Tensor, base: float, scale: float, shift: float) -> torch.Tensor:
+    """Caffe's Exp: base ^ (shift + scale * x); base -1 means e."""
+    ln = 1.0 if base == -1.0 else math.log(base)
+    return torch.exp(x * (ln * scale) + ln * shift)
+
+
+def caffe_log(x: torch.Tensor, base: float, scale: float, shift: float) -> torch.Tensor:
+    """Caffe's Log: log_base(shift + scale * x); base -1 means e."""
+    y = x * scale + shift if (scale != 1.0 or shift != 0.0) else x
+    y = torch.log(y)
+    return y if base == -1.0 else y * (1.0 / math.log(base))
+
+
+def caffe_bnll(x: torch.Tensor) -> torch.Tensor:
+    """Caffe's BNLL: log(1 + exp(x)), computed stably."""
+    return torch.where(x > 0, x + torch.log1p(torch.exp(-x)), torch.log1p(torch.exp(x)))
+
+
+def caffe_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return (x > threshold).to(x.dtype)
+
+
+def caffe_swish(x: torch.Tensor, beta: float) -> torch.Tensor:
+    return x * torch.sigmoid(x * beta) if beta != 1.0 else x * torch.sigmoid(x)
+
+
+def caffe_flatten(x: torch.Tensor, axis: int, end_axis: int) -> torch.Tensor:
+    return torch.flatten(x, axis, end_axis)
+
+
+def caffe_reshape(x: torch.Tensor, dims: tuple[int, ...], axis: int, num_axes: int) -> torch.Tensor:
+    """Caffe's Reshape: ``0`` copies the bottom's axis, ``-1`` infers one axis."""
+    shape = list(x.shape)
+    start = axis if axis >= 0 else len(shape) + axis + 1
+    end = len(shape) if num_axes == -1 else start + num_axes
+    new = [shape[start + i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(shape[:start] + new + shape[end:])
+
+
+def caffe_crop(x: torch.Tensor, ref: torch.Tensor, axis: int, offsets: list[int]) -> torch.Tensor:
+    """Caffe's Crop: every axis from ``axis`` on cut to ``ref``'s size at ``offsets``."""
+    index = [slice(None)] * x.dim()
+    for i in range(axis, x.dim()):
+        off = offsets[i - axis]
+        index[i] = slice(off, off + int(ref.shape[i]))
+    return x[tuple(index)]
+
+
+def caffe_slice(x: torch.Tensor, axis: int, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    return torch.split(x, sizes, dim=axis)
+
+
+def caffe_tile(x: torch.Tensor, axis: int, tiles: int) -> torch.Tensor:
+    reps = [1] * x.dim()
+    reps[axis] = tiles
+    return x.repeat(reps)
+
+
+def caffe_argmax(x: torch.Tensor, top_k: int, out_max_val: bool, axis: int | None) -> torch.Tensor:
+    """Caffe's ArgMax (indices as floats; with ``out_max_val`` and no axis: [index; value])."""
+    if axis is not None:
+        vals, idx = torch.topk(x, top_k, dim=axis)
+        return vals if out_max_val else idx.to(x.dtype)
+    flat = x.reshape(x.shape[0], -1)
+    vals, idx = torch.topk(flat, top_k, dim=1)
+    out = torch.stack([idx.to(x.dtype), vals], 1) if out_max_val else idx.to(x.dtype)[:, None]
+    while out.dim() < max(x.dim(), 3):
+        out = out.unsqueeze(-1)
+    return out
+
+
+def caffe_reduction(x: torch.Tensor, op: str, axis: int, coeff: float) -> torch.Tensor:
+    """Caffe's Reduction over every axis from ``axis`` on (SUM, ASUM, SUMSQ, MEAN)."""
+    y = x.reshape(tuple(x.shape[:axis]) + (-1,))
+    if op == "ASUM":
+        y = y.abs().sum(-1)
+    elif op == "SUMSQ":
+        y = (y * y).sum(-1)
+    elif op == "MEAN":
+        y = y.mean(-1)
+    else:
+        y = y.sum(-1)
+    return y * coeff if coeff != 1.0 else y
+
+
+def caffe_mvn(x: torch.Tensor, normalize_variance: bool, across_channels: bool,
+              eps: float) -> torch.Tensor:
+    """Caffe's MVN: subtract the mean (per channel or per item); divide by std + eps."""
+    dims = tuple(range(1, x.dim())) if across_channels else tuple(range(2, x.dim()))
+    y = x - x.mean(dim=dims, keepdim=True)
+    if normalize_variance:
+        var = (y * y).mean(dim=dims, keepdim=True)
+        y = y / (torch.sqrt(var) + eps)
+    return y
+
+
+def caffe_upsample_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+def caffe_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """SegNet Upsample: scatter each value to its Pooling mask position in an (oh, ow) plane."""
+    n, c, h, w = x.shape
+    out = x.new_zeros(n, c, size[0] * size[1])
+    out.scatter_(2, mask.reshape(n, c, h * w).long(), x.reshape(n, c, h * w))
+    return out.reshape(n, c, size[0], size[1])
+
+
+# -- losses -----------------------------------------------------------------------------------
+def caffe_normalizer(mode: str, outer: int, inner: int, valid: torch.Tensor | int) -> torch.Tensor | float:
+    if mode == "FULL":
+        return float(outer * inner)
+    if mode == "VALID":
+        return valid
+    if mode == "BATCH_SIZE":
+        return float(outer)
+    return 1.0
+
+
+def caffe_softmax_loss(x: torch.Tensor, label: torch.Tensor, axis: int,
+                       ignore_label: int | None, normalization: str) -> torch.Tensor:
+    """SoftmaxWithLoss: -log(max(softmax, FLT_MIN)) at the label, normalized as Caffe."""
+    logp = torch.log_softmax(x, dim=axis).clamp(min=math.log(CAFFE_FLT_MIN))
+    outer = int(math.prod(x.shape[:axis]))
+    inner = int(math.prod(x.shape[axis + 1:]))
+    lab = label.reshape(outer, inner).long()
+    logp = logp.reshape(outer, x.shape[axis], inner)
+    keep = torch.ones_like(lab, dtype=torch.bool) if ignore_label is None else lab != ignore_label
+    safe = torch.where(keep, lab, torch.zeros_like(lab))
+    picked = torch.gather(logp, 1, safe[:, None, :])[:, 0, :]
+    loss = -(picked * keep.to(picked.dtype)).sum()
+    valid = keep.sum().to(loss.dtype) if normalization == "VALID" else 0
+    norm = caffe_normalizer(normalization, outer, inner, valid)
+    if isinstance(norm, torch.Tensor):
+        norm = torch.clamp(norm, min=1.0)
+    return loss / norm
+
+
+def caffe_euclidean_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d = a.reshape(a.shape[0], -1) - b.reshape(b.shape[0], -1).to(a.dtype)
+    return (d * d).sum() / a.shape[0] / 2.0
+
+
+def caffe_sigmoid_ce_loss(x: torch.Tensor, target: torch.Tensor, ignore_label: int | None,
+                          normalization: str) -> torch.Tensor:
+    t = target.reshape(x.shape).to(x.dtype)
+    per = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    keep = torch.ones_like(per, dtype=torch.bool) if ignore_label is None else t != ignore_label
+    loss = (per * keep.to(per.dtype)).sum()
+    valid = keep.sum().to(loss.dtype) if normalization == "VALID" else 0
+    norm = caffe_normalizer(normalization, int(x.shape[0]), int(x[0].numel()), valid)
+    if isinstance(norm, torch.Tensor):
+        norm = torch.clamp(norm, min=1.0)
+    return loss / norm
+
+
+def caffe_weighted_sum(losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    total = losses[0] * weights[0]
+    for x, w in zip(losses[1:], weights[1:]):
+        total = total + x * w
+    return total

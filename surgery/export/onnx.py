@@ -1,0 +1,1267 @@
+"""Export a Caffe net to ONNX that computes what Caffe computes, to float32 rounding.
+
+One lowering table: one plain function per Caffe layer type, registered with
+:func:`lowering` (registering a type twice is an error). The exporter walks the resolved
+dataflow of one phase (:func:`surgery.dataflow.resolve`) in order; before lowering anything it
+collects every layer it cannot export and raises one
+:class:`~surgery.errors.UnsupportedLayerError` naming them all.
+
+Naming rules (so every intermediate stays comparable with Caffe):
+
+1. A blob's *last* version keeps the Caffe blob name; an earlier version that an in-place
+   layer overwrites is called ``<blob>@<producing layer>``.
+2. Learnable blobs are initializers called ``<layer>.<blob index>`` (``conv1.0`` the weight,
+   ``conv1.1`` the bias); constants a lowering needs are ``<layer>/<what>``.
+3. A name taken twice gets a ``__<n>`` suffix (only on collisions Caffe names cannot avoid).
+
+Caffe facts that need care in ONNX, and how they are lowered:
+
+* Pooling rounds up (``ceil``) and then drops a last window that would start in the padding;
+  the exact output size is computed here and reached with explicit, possibly asymmetric pads
+  and ``ceil_mode=0``. AVE pooling divides by the window clipped to ``H + pad`` (padding counts,
+  the overhang past it does not): lowered as ``AveragePool(count_include_pad=0)`` times a
+  constant per-position correction ``real / caffe_divisor`` when the two differ.
+* Deconvolution uses explicit pads and no ``output_shape``, so the size is exactly
+  ``s(i-1) + d(k-1) + 1 - 2p``.
+* BatchNorm divides its statistics by blob[2] (0 means 0); Softmax needs opset >= 13 for
+  Caffe's per-axis meaning; LRN WITHIN_CHANNEL is composed from Pow/AveragePool/Mul.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..dataflow import Dataflow, Node, Value, resolve
+from ..errors import NetError, SurgeryError, UnsupportedLayerError
+from ..layers import attr
+from ..net import Net, NetState
+from ..shapes import Shape, ShapeInfo, infer
+
+__all__ = [
+    "to_onnx",
+    "save_onnx",
+    "lowering",
+    "supported_types",
+    "run_onnx",
+    "providers",
+    "MIN_OPSET",
+    "MAX_OPSET",
+    "EXTERNAL_DATA_THRESHOLD",
+]
+
+MIN_OPSET = 13  # Softmax over one axis (Caffe's meaning) needs 13
+MAX_OPSET = 21  # the newest opset every onnxruntime >= 1.20 runs
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
+
+Lowering = Callable[["_Graph", Node, list[str], list[str]], None]
+Check = Callable[["_Graph", Node], "str | None"]
+
+
+@dataclass
+class _Entry:
+    fn: Lowering
+    check: Check | None
+
+
+_TABLE: dict[str, _Entry] = {}
+
+
+def lowering(*types: str, check: Check | None = None) -> Callable[[Lowering], Lowering]:
+    """Register the ONNX lowering of one or more Caffe layer types.
+
+    The function receives the graph being built, the dataflow node, the tensor names of its
+    bottoms and the tensor names its tops must get. ``check`` (optional) returns a reason when
+    a particular configuration of the type cannot be exported, or None.
+
+    Raises:
+        ValueError: a type is already registered.
+    """
+
+    def deco(fn: Lowering) -> Lowering:
+        for t in types:
+            if t in _TABLE:
+                raise ValueError(f"layer type {t!r} already has an ONNX lowering "
+                                 f"({_TABLE[t].fn.__name__})")
+            _TABLE[t] = _Entry(fn, check)
+        return fn
+
+    return deco
+
+
+def supported_types() -> frozenset[str]:
+    """The Caffe layer types the ONNX table lowers."""
+    return frozenset(_TABLE)
+
+
+# -- the graph under construction --------------------------------------------------------------
+@dataclass
+class _Graph:
+    flow: Dataflow
+    info: ShapeInfo
+    opset: int
+    dynamic_batch: bool
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inits: list[onnx.TensorProto] = field(default_factory=list)
+    taken: set[str] = field(default_factory=set)
+    names: dict[int, str] = field(default_factory=dict)  # id(Value) -> tensor name
+    weights: dict[tuple[str, int], str] = field(default_factory=dict)
+    overrides: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    scope: str = ""
+
+    # names
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.taken:
+            n += 1
+            name = f"{base}__{n}"
+        self.taken.add(name)
+        return name
+
+    def tmp(self, what: str) -> str:
+        return self.fresh(f"{self.scope}/{what}")
+
+    # constants
+    def const(self, what: str, array: Any, dtype: Any = np.float32) -> str:
+        """An initializer named ``<layer>/<what>``."""
+        name = self.tmp(what)
+        arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def ints(self, what: str, values: Sequence[int]) -> str:
+        return self.const(what, np.asarray(list(values), dtype=np.int64), np.int64)
+
+    def blob(self, node: Node, index: int) -> np.ndarray:
+        """Learnable blob ``index`` of ``node`` as float32 (fold-bn overrides included)."""
+        key = (node.layer.name, index)
+        if key in self.overrides:
+            return self.overrides[key]
+        params = node.layer.params
+        if index >= len(params) or params[index].data is None:
+            raise SurgeryError(f"layer {node.layer.name!r} ({node.layer.type}): learnable blob "
+                               f"{index} has no weights; load the caffemodel")
+        return np.asarray(params[index].data, dtype=np.float32)
+
+    def weight(self, node: Node, index: int, shape: Sequence[int] | None = None) -> str:
+        """The initializer ``<layer>.<index>`` (optionally reshaped, then named ``.../r``)."""
+        key = (node.layer.name, index)
+        data = self.blob(node, index)
+        if shape is not None and tuple(data.shape) != tuple(shape):
+            data = data.reshape(shape)
+            key = (node.layer.name, index * 1000 + len(shape))
+            base = f"{node.layer.name}.{index}/r{len(shape)}"
+        else:
+            base = f"{node.layer.name}.{index}"
+        if key not in self.weights:
+            name = self.fresh(base)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(data), name))
+            self.weights[key] = name
+        return self.weights[key]
+
+    # nodes
+    def op(self, op_type: str, inputs: Sequence[str], out: str | Sequence[str] | None = None,
+           n_out: int = 1, **attrs: Any) -> Any:
+        """Append one node; returns its output name (or names when several)."""
+        if out is None:
+            outs = [self.tmp(op_type) for _ in range(n_out)]
+        elif isinstance(out, str):
+            outs = [out]
+        else:
+            outs = list(out)
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs,
+                                           name=self.fresh(f"{self.scope}:{op_type}"), **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    # shapes
+    def bottom_shape(self, node: Node, i: int = 0) -> Shape:
+        s = self.info.shape(node.inputs[i])
+        if s is None:
+            raise SurgeryError(f"layer {node.layer.name!r}: the shape of bottom "
+                               f"{node.layer.bottoms[i]!r} is unknown; give --input-shape")
+        return s
+
+    def top_shape(self, node: Node, j: int = 0) -> Shape:
+        s = self.info.shape(node.outputs[j])
+        if s is None:
+            raise SurgeryError(f"layer {node.layer.name!r}: the shape of top "
+                               f"{node.layer.tops[j]!r} is unknown; give --input-shape")
+        return s
+
+    # reductions changed from attribute to input axes in opset 13 (ReduceSum) and 18 (others)
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int,
+               out: str | None = None) -> str:
+        cut = 13 if op_type == "ReduceSum" else 18
+        if self.opset >= cut:
+            return self.op(op_type, [x, self.ints("axes", axes)], out, keepdims=keepdims)
+        return self.op(op_type, [x], out, axes=list(axes), keepdims=keepdims)
+
+    def reshape(self, x: str, target: Sequence[int], out: str | None = None) -> str:
+        return self.op("Reshape", [x, self.ints("shape", target)], out)
+
+    def identity(self, x: str, out: str) -> None:
+        self.op("Identity", [x], out)
+
+
+# -- helpers shared by lowerings ---------------------------------------------------------------
+def _ints(v: Any) -> list[int]:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [int(x) for x in v]
+    return [int(v)]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def ave_pool_correction(geom: PoolGeometry, in_hw: Sequence[int]) -> np.ndarray | None:
+    """Per output position ``real elements / Caffe's divisor``; None when all are 1.
+
+    ``AveragePool(count_include_pad=0)`` divides by the real elements of each window; times
+    this factor it divides by Caffe's divisor (:func:`~surgery.export.common.pool_ave_divisor`).
+    """
+    g = geom.resolved(in_hw)
+    assert g.kernel is not None
+    real = []
+    for o, s, k, size, p in zip(pool_output_hw(g, in_hw), g.stride, g.kernel, in_hw, g.pad,
+                                strict=True):
+        start = np.arange(o) * s - p
+        real.append(np.minimum(start + k, size) - np.maximum(start, 0))
+    factor = np.outer(real[0], real[1]) / pool_ave_divisor(g, in_hw).astype(np.float64)
+    if np.all(factor == 1.0):
+        return None
+    return factor.astype(np.float32).reshape((1, 1, *factor.shape))
+
+
+# -- lowerings ---------------------------------------------------------------------------------
+def _net_input(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    raise AssertionError("graph inputs are created by the exporter")  # pragma: no cover
+
+
+lowering("Input")(_net_input)
+
+
+def _check_conv(g: _Graph, node: Node) -> str | None:
+    if int(attr(node.layer, "axis", 1)) != 1:
+        return "axis other than 1"
+    return None
+
+
+@lowering("Convolution", check=_check_conv)
+def _convolution(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    n = len(g.bottom_shape(node)) - 2
+    kernel, pad, stride, dilation = conv_geometry(lay, n)
+    inputs = [xs[0], g.weight(node, 0)]
+    if attr(lay, "bias_term", True) or (lay.name, 1) in g.overrides:
+        inputs.append(g.weight(node, 1))
+    for x, y in zip(xs, ys, strict=True):  # Caffe convolves every bottom with the same weights
+        g.op("Conv", [x, *inputs[1:]], y, kernel_shape=kernel, pads=pad + pad, strides=stride,
+             dilations=dilation, group=int(attr(lay, "group", 1)))
+
+
+@lowering("Deconvolution", check=_check_conv)
+def _deconvolution(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    n = len(g.bottom_shape(node)) - 2
+    kernel, pad, stride, dilation = conv_geometry(lay, n)
+    extra = [g.weight(node, 1)] if attr(lay, "bias_term", True) else []
+    for x, y in zip(xs, ys, strict=True):
+        g.op("ConvTranspose", [x, g.weight(node, 0), *extra], y, kernel_shape=kernel,
+             pads=pad + pad, strides=stride, dilations=dilation,
+             group=int(attr(lay, "group", 1)), output_padding=[0] * n)
+
+
+def _check_pool(g: _Graph, node: Node) -> str | None:
+    method = str(attr(node.layer, "pool", "MAX"))
+    if method not in ("MAX", "AVE"):
+        return f"pool: {method} (only MAX and AVE have an inference meaning)"
+    return None
+
+
+@lowering("Pooling", check=_check_pool)
+def _pooling(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    shape = g.bottom_shape(node)
+    method = str(attr(lay, "pool", "MAX"))
+    if attr(lay, "global_pooling", False):
+        g.op("GlobalMaxPool" if method == "MAX" else "GlobalAveragePool", [xs[0]], ys[0])
+        _pool_mask(g, node, ys)
+        return
+    kernel, pad, stride, out = pool_geometry(lay, shape)
+    _pool(g, method, xs[0], ys[0], shape, kernel, pad, stride, out)
+    _pool_mask(g, node, ys)
+
+
+def _pool_mask(g: _Graph, node: Node, ys: list[str]) -> None:
+    if len(ys) > 1:  # the argmax mask top has no ONNX meaning that matches Caffe's indices
+        raise SurgeryError(f"layer {node.layer.name!r}: the Pooling mask top cannot be exported")
+
+
+def _pool(g: _Graph, method: str, x: str, y: str, shape: Shape, kernel: Sequence[int],
+          pad: Sequence[int], stride: Sequence[int], out: Sequence[int]) -> None:
+    """Caffe pooling with explicit pads: begin = pad, end chosen so floor mode gives ``out``."""
+    end = [max((o - 1) * s + k - size - p, 0)
+           for size, k, p, s, o in zip(shape[2:], kernel, pad, stride, out, strict=True)]
+    pads = list(pad) + end
+    if method == "MAX":
+        g.op("MaxPool", [x], y, kernel_shape=list(kernel), pads=pads, strides=list(stride))
+        return
+    corr = ave_pool_correction(shape, kernel, pad, stride, out)
+    if corr is None:  # every window lies inside the input: all divisors are the kernel size
+        g.op("AveragePool", [x], y, kernel_shape=list(kernel), pads=pads, strides=list(stride))
+        return
+    mean = g.op("AveragePool", [x], None, kernel_shape=list(kernel), pads=pads,
+                strides=list(stride), count_include_pad=0)
+    g.op("Mul", [mean, g.const("ave_divisor", corr)], y)
+
+
+@lowering("InnerProduct")
+def _inner_product(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    shape = g.bottom_shape(node)
+    axis = _axis(int(attr(lay, "axis", 1)), len(shape))
+    transpose = bool(attr(lay, "transpose", False))
+    bias = bool(attr(lay, "bias_term", True))
+    w = g.weight(node, 0)
+    if axis == 1:
+        x = xs[0] if len(shape) == 2 else g.op("Flatten", [xs[0]], axis=1)
+        inputs = [x, w] + ([g.weight(node, 1)] if bias else [])
+        g.op("Gemm", inputs, ys[0], transB=0 if transpose else 1)
+        return
+    x = xs[0] if len(shape) == axis + 1 else g.reshape(xs[0], [0] * axis + [-1])
+    if not transpose:
+        w = g.op("Transpose", [w], perm=[1, 0])
+    if bias:
+        g.op("Add", [g.op("MatMul", [x, w]), g.weight(node, 1)], ys[0])
+    else:
+        g.op("MatMul", [x, w], ys[0])
+
+
+@lowering("ReLU")
+def _relu(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    slope = float(attr(node.layer, "negative_slope", 0.0))
+    if slope == 0.0:
+        g.op("Relu", xs, ys[0])
+    else:
+        g.op("LeakyRelu", xs, ys[0], alpha=slope)
+
+
+def _channel_shape(g: _Graph, node: Node, n: int, axis: int = 1) -> list[int]:
+    rank = len(g.bottom_shape(node))
+    return [n] + [1] * (rank - axis - 1)
+
+
+@lowering("PReLU")
+def _prelu(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    slope = g.blob(node, 0)
+    shape = [1] if slope.size == 1 else _channel_shape(g, node, slope.size)
+    g.op("PRelu", [xs[0], g.weight(node, 0, shape)], ys[0])
+
+
+@lowering("Sigmoid")
+def _sigmoid(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    g.op("Sigmoid", xs, ys[0])
+
+
+@lowering("TanH")
+def _tanh(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    g.op("Tanh", xs, ys[0])
+
+
+@lowering("ELU")
+def _elu(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    g.op("Elu", xs, ys[0], alpha=float(attr(node.layer, "alpha", 1.0)))
+
+
+@lowering("AbsVal")
+def _absval(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    g.op("Abs", xs, ys[0])
+
+
+def _affine(g: _Graph, x: str, scale: float, shift: float) -> str:
+    if scale != 1.0:
+        x = g.op("Mul", [x, g.const("scale", scale)])
+    if shift != 0.0:
+        x = g.op("Add", [x, g.const("shift", shift)])
+    return x
+
+
+@lowering("Power")
+def _power(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    power = float(attr(lay, "power", 1.0))
+    scale = float(attr(lay, "scale", 1.0))
+    shift = float(attr(lay, "shift", 0.0))
+    if power == 0.0:  # Caffe: all ones
+        zero = g.op("Mul", [xs[0], g.const("zero", 0.0)])
+        g.op("Add", [zero, g.const("one", 1.0)], ys[0])
+        return
+    base = _affine(g, xs[0], scale, shift)
+    if power == 1.0:
+        g.identity(base, ys[0])
+    else:
+        g.op("Pow", [base, g.const("power", power)], ys[0])
+
+
+def _ln_base(node: Node) -> float:
+    base = float(attr(node.layer, "base", -1.0))
+    return 1.0 if base == -1.0 else math.log(base)
+
+
+@lowering("Exp")
+def _exp(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    ln = _ln_base(node)
+    x = _affine(g, xs[0], float(attr(lay, "scale", 1.0)) * ln, float(attr(lay, "shift", 0.0)) * ln)
+    g.op("Exp", [x], ys[0])
+
+
+@lowering("Log")
+def _log(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    x = _affine(g, xs[0], float(attr(lay, "scale", 1.0)), float(attr(lay, "shift", 0.0)))
+    ln = _ln_base(node)
+    if ln == 1.0:
+        g.op("Log", [x], ys[0])
+    else:
+        g.op("Mul", [g.op("Log", [x]), g.const("inv_ln_base", 1.0 / ln)], ys[0])
+
+
+@lowering("BNLL")
+def _bnll(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    g.op("Softplus", xs, ys[0])
+
+
+@lowering("Threshold")
+def _threshold(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    t = float(attr(node.layer, "threshold", 0.0))
+    above = g.op("Greater", [xs[0], g.const("threshold", t)])
+    g.op("Cast", [above], ys[0], to=TensorProto.FLOAT)
+
+
+@lowering("Clip")
+def _clip(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lo = float(attr(node.layer, "min", 0.0))
+    hi = float(attr(node.layer, "max", 0.0))
+    g.op("Clip", [xs[0], g.const("min", lo), g.const("max", hi)], ys[0])
+
+
+@lowering("Swish")
+def _swish(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    beta = float(attr(node.layer, "beta", 1.0))
+    x = xs[0] if beta == 1.0 else g.op("Mul", [xs[0], g.const("beta", beta)])
+    g.op("Mul", [xs[0], g.op("Sigmoid", [x])], ys[0])
+
+
+def bn_statistics(blobs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Caffe's BatchNorm inference statistics: blob / blob[2], with a factor of 0 giving 0."""
+    factor = float(np.asarray(blobs[2], dtype=np.float32).reshape(-1)[0]) if len(blobs) > 2 \
+        else 1.0
+    scale = np.float32(0.0 if factor == 0 else 1.0 / factor)
+    mean = np.asarray(blobs[0], dtype=np.float32).reshape(-1) * scale
+    var = np.asarray(blobs[1], dtype=np.float32).reshape(-1) * scale
+    return mean.astype(np.float32), var.astype(np.float32)
+
+
+def _bn_global(g: _Graph, node: Node) -> bool:
+    stats = node.layer.attrs.get("use_global_stats")
+    return g.flow.state.phase == "TEST" if stats is None else bool(stats)
+
+
+@lowering("BatchNorm")
+def _batch_norm(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    eps = float(attr(lay, "eps", 1e-5))
+    shape = g.bottom_shape(node)
+    c = shape[1] if len(shape) > 1 else 1
+    if _bn_global(g, node):
+        mean, var = bn_statistics([g.blob(node, i) for i in range(3)])
+        g.op("BatchNormalization",
+             [xs[0], g.const("gamma", np.ones(c)), g.const("beta", np.zeros(c)),
+              g.const("mean", mean), g.const("var", var)], ys[0], epsilon=eps)
+        return
+    axes = [0] + list(range(2, len(shape)))  # statistics of this batch (use_global_stats false)
+    mean = g.reduce("ReduceMean", xs[0], axes, 1)
+    centered = g.op("Sub", [xs[0], mean])
+    var = g.reduce("ReduceMean", g.op("Mul", [centered, centered]), axes, 1)
+    std = g.op("Sqrt", [g.op("Add", [var, g.const("eps", eps)])])
+    g.op("Div", [centered, std], ys[0])
+
+
+def _scale_axes(g: _Graph, node: Node, other: Shape) -> tuple[int, int]:
+    """(axis, number of trailing ones) to broadcast a Scale/Bias operand against bottom[0]."""
+    shape = g.bottom_shape(node)
+    axis = _axis(int(attr(node.layer, "axis", 1)), len(shape))
+    return axis, len(shape) - axis - len(other)
+
+
+def _operand(g: _Graph, node: Node, xs: list[str], blob_index: int) -> str:
+    """Bottom[1] when given, else learnable blob ``blob_index``, shaped to broadcast."""
+    if len(xs) > 1:
+        other = g.bottom_shape(node, 1)
+        _, ones = _scale_axes(g, node, other)
+        if ones == 0:
+            return xs[1]
+        return g.reshape(xs[1], [0] * len(other) + [1] * ones)
+    data = g.blob(node, blob_index)
+    shape = g.bottom_shape(node)
+    axis = _axis(int(attr(node.layer, "axis", 1)), len(shape))
+    num_axes = int(attr(node.layer, "num_axes", 1))
+    end = len(shape) if num_axes == -1 else axis + num_axes
+    target = list(shape[axis:end]) + [1] * (len(shape) - end)
+    if data.size == 1 and not target:
+        target = [1]
+    return g.weight(node, blob_index, target)
+
+
+@lowering("Scale")
+def _scale(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    bias = bool(attr(lay, "bias_term", False))
+    scaled_to = ys[0] if not bias else None
+    y = g.op("Mul", [xs[0], _operand(g, node, xs, 0)], scaled_to)
+    if bias:
+        index = 1 if len(xs) == 1 else 0
+        data = g.blob(node, index)
+        shape = g.bottom_shape(node)
+        axis = _axis(int(attr(lay, "axis", 1)), len(shape))
+        target = list(data.shape) + [1] * (len(shape) - axis - data.ndim)
+        g.op("Add", [y, g.weight(node, index, target)], ys[0])
+
+
+@lowering("Bias")
+def _bias(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    g.op("Add", [xs[0], _operand(g, node, xs, 0)], ys[0])
+
+
+def _check_lrn(g: _Graph, node: Node) -> str | None:
+    region = str(attr(node.layer, "norm_region", "ACROSS_CHANNELS"))
+    if region not in ("ACROSS_CHANNELS", "WITHIN_CHANNEL"):
+        return f"norm_region {region}"
+    return None
+
+
+@lowering("LRN", check=_check_lrn)
+def _lrn(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    size = int(attr(lay, "local_size", 5))
+    alpha = float(attr(lay, "alpha", 1.0))
+    beta = float(attr(lay, "beta", 0.75))
+    if str(attr(lay, "norm_region", "ACROSS_CHANNELS")) == "ACROSS_CHANNELS":
+        g.op("LRN", xs, ys[0], size=size, alpha=alpha, beta=beta,
+             bias=float(attr(lay, "k", 1.0)))
+        return
+    # WITHIN_CHANNEL: x / (1 + alpha * avepool_nxn(x^2))^beta, Caffe's AVE pooling (pad (n-1)/2)
+    shape = g.bottom_shape(node)
+    pad = (size - 1) // 2
+    n = len(shape) - 2
+    sq = g.op("Mul", [xs[0], xs[0]])
+    pooled = g.tmp("pooled")
+    kernel, pads, stride = [size] * n, [pad] * n, [1] * n
+    out = [s + 2 * pad - size + 1 for s in shape[2:]]
+    _pool(g, "AVE", sq, pooled, shape, kernel, pads, stride, out)
+    base = _affine(g, pooled, alpha, 1.0)
+    g.op("Mul", [xs[0], g.op("Pow", [base, g.const("neg_beta", -beta)])], ys[0])
+
+
+def _check_eltwise(g: _Graph, node: Node) -> str | None:
+    op = str(attr(node.layer, "operation", "SUM"))
+    if op not in ("SUM", "PROD", "MAX"):
+        return f"operation {op}"
+    coeff = node.layer.attrs.get("coeff") or []
+    if coeff and op != "SUM":
+        return "coeff with an operation other than SUM (Caffe refuses it)"
+    if coeff and len(coeff) != len(node.layer.bottoms):
+        return "coeff needs one value per bottom"
+    return None
+
+
+@lowering("Eltwise", check=_check_eltwise)
+def _eltwise(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    op = str(attr(node.layer, "operation", "SUM"))
+    if op == "PROD":
+        _chain(g, "Mul", xs, ys[0])
+    elif op == "MAX":
+        g.op("Max", xs, ys[0])
+    else:
+        coeff = [float(c) for c in node.layer.attrs.get("coeff") or []] or [1.0] * len(xs)
+        terms = [x if c == 1.0 else g.op("Mul", [x, g.const(f"coeff{i}", c)])
+                 for i, (x, c) in enumerate(zip(xs, coeff, strict=True))]
+        _chain(g, "Add", terms, ys[0])
+
+
+def _chain(g: _Graph, op: str, xs: list[str], y: str) -> None:
+    """Left-to-right binary chain, as Caffe accumulates (Sum/Mul order matters for rounding)."""
+    if len(xs) == 1:
+        g.identity(xs[0], y)
+        return
+    acc = xs[0]
+    for i, x in enumerate(xs[1:], 1):
+        acc = g.op(op, [acc, x], y if i == len(xs) - 1 else None)
+
+
+def _concat_axis(node: Node, rank: int, legacy: str) -> int:
+    lay = node.layer
+    if legacy in lay.attrs and "axis" not in lay.attrs:
+        return int(lay.attrs[legacy])
+    return _axis(int(attr(lay, "axis", 1)), rank)
+
+
+@lowering("Concat")
+def _concat(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    axis = _concat_axis(node, len(g.bottom_shape(node)), "concat_dim")
+    if len(xs) == 1:
+        g.identity(xs[0], ys[0])
+    else:
+        g.op("Concat", xs, ys[0], axis=axis)
+
+
+@lowering("Slice")
+def _slice(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape = g.bottom_shape(node)
+    axis = _concat_axis(node, len(shape), "slice_dim")
+    sizes = [g.top_shape(node, j)[axis] for j in range(len(ys))]
+    if len(ys) == 1:
+        g.identity(xs[0], ys[0])
+        return
+    g.op("Split", [xs[0], g.ints("split", sizes)], ys, axis=axis)
+
+
+@lowering("Split")
+def _split(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    for y in ys:
+        g.identity(xs[0], y)
+
+
+@lowering("Flatten")
+def _flatten(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape = g.bottom_shape(node)
+    axis = _axis(int(attr(node.layer, "axis", 1)), len(shape))
+    end = _axis(int(attr(node.layer, "end_axis", -1)), len(shape))
+    g.reshape(xs[0], [0] * axis + [-1] + list(shape[end + 1:]), ys[0])
+
+
+@lowering("Reshape")
+def _reshape(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    shape = g.bottom_shape(node)
+    spec = lay.attrs.get("shape") or {}
+    dims = _ints(spec.get("dim") if isinstance(spec, Mapping) else spec)
+    axis = int(attr(lay, "axis", 0))
+    axis = axis + len(shape) + 1 if axis < 0 else axis
+    num_axes = int(attr(lay, "num_axes", -1))
+    end = len(shape) if num_axes == -1 else axis + num_axes
+    if axis == 0 and not (g.dynamic_batch and dims[:1] == [0]):
+        target = list(g.top_shape(node))  # batch fixed or changed by the reshape: all static
+        if g.dynamic_batch and end > 0:
+            raise SurgeryError(f"layer {lay.name!r}: a Reshape that rewrites the batch axis "
+                               "cannot have a dynamic batch; export without --dynamic-batch")
+    else:
+        target = [0] * axis + dims + list(shape[end:])
+        if -1 in dims:  # keep -1 (inferred); trailing dims are static anyway
+            pass
+    g.reshape(xs[0], target, ys[0])
+
+
+@lowering("Crop")
+def _crop(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape = g.bottom_shape(node)
+    ref = g.bottom_shape(node, 1)
+    axis = _axis(int(attr(node.layer, "axis", 2)), len(shape))
+    offsets = _ints(node.layer.attrs.get("offset"))
+    axes = list(range(axis, len(shape)))
+    if not offsets:
+        offsets = [0] * len(axes)
+    elif len(offsets) == 1:
+        offsets = offsets * len(axes)
+    ends = [o + ref[a] for o, a in zip(offsets, axes, strict=True)]
+    g.op("Slice", [xs[0], g.ints("starts", offsets), g.ints("ends", ends),
+                   g.ints("axes", axes)], ys[0])
+
+
+@lowering("Tile")
+def _tile(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape = g.bottom_shape(node)
+    axis = _axis(int(attr(node.layer, "axis", 1)), len(shape))
+    repeats = [1] * len(shape)
+    repeats[axis] = int(attr(node.layer, "tiles", 1))
+    g.op("Tile", [xs[0], g.ints("repeats", repeats)], ys[0])
+
+
+@lowering("Softmax")
+def _softmax(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    axis = _axis(int(attr(node.layer, "axis", 1)), len(g.bottom_shape(node)))
+    g.op("Softmax", xs, ys[0], axis=axis)
+
+
+@lowering("Dropout")
+def _dropout(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    # Caffe's Dropout is inverted: identity at TEST unless scale_train is false
+    if attr(node.layer, "scale_train", True):
+        g.identity(xs[0], ys[0])
+    else:
+        keep = 1.0 - float(attr(node.layer, "dropout_ratio", 0.5))
+        g.op("Mul", [xs[0], g.const("keep", keep)], ys[0])
+
+
+@lowering("ArgMax")
+def _argmax(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    shape = g.bottom_shape(node)
+    top_k = int(attr(lay, "top_k", 1))
+    out_max = bool(attr(lay, "out_max_val", False))
+    k = g.ints("k", [top_k])
+    if "axis" in lay.attrs:
+        axis = _axis(int(lay.attrs["axis"]), len(shape))
+        values, indices = g.op("TopK", [xs[0], k], None, n_out=2, axis=axis)
+        if out_max:
+            g.identity(values, ys[0])
+        else:
+            g.op("Cast", [indices], ys[0], to=TensorProto.FLOAT)
+        return
+    flat = g.op("Flatten", [xs[0]], axis=1)
+    values, indices = g.op("TopK", [flat, k], None, n_out=2, axis=1)
+    idx = g.reshape(g.op("Cast", [indices], to=TensorProto.FLOAT), [0, 1, top_k])
+    if out_max:
+        g.op("Concat", [idx, g.reshape(values, [0, 1, top_k])], ys[0], axis=1)
+    else:
+        g.identity(idx, ys[0])
+
+
+_REDUCE = {"SUM": "ReduceSum", "ASUM": "ReduceL1", "SUMSQ": "ReduceSumSquare",
+           "MEAN": "ReduceMean"}
+
+
+@lowering("Reduction")
+def _reduction(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    shape = g.bottom_shape(node)
+    axis = _axis(int(attr(lay, "axis", 0)), len(shape))
+    coeff = float(attr(lay, "coeff", 1.0))
+    op = _REDUCE[str(attr(lay, "operation", "SUM"))]
+    axes = list(range(axis, len(shape)))
+    if not axes:
+        reduced = g.op("Abs", xs) if op == "ReduceL1" else (
+            g.op("Mul", [xs[0], xs[0]]) if op == "ReduceSumSquare" else xs[0])
+    else:
+        reduced = g.reduce(op, xs[0], axes, 0, None if coeff != 1.0 else ys[0])
+        if coeff == 1.0:
+            return
+    g.op("Mul", [reduced, g.const("coeff", coeff)], ys[0])
+
+
+@lowering("MVN")
+def _mvn(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    rank = len(g.bottom_shape(node))
+    first = 1 if attr(lay, "across_channels", False) else 2
+    axes = list(range(first, rank))
+    mean = g.reduce("ReduceMean", xs[0], axes, 1)
+    centered = g.op("Sub", [xs[0], mean])
+    if not attr(lay, "normalize_variance", True):
+        g.identity(centered, ys[0])
+        return
+    var = g.reduce("ReduceMean", g.op("Mul", [centered, centered]), axes, 1)
+    std = g.op("Add", [g.op("Sqrt", [var]), g.const("eps", float(attr(lay, "eps", 1e-9)))])
+    g.op("Div", [centered, std], ys[0])
+
+
+@lowering("Permute")
+def _permute(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    rank = len(g.bottom_shape(node))
+    order = _ints(node.layer.attrs.get("order"))
+    order += [i for i in range(rank) if i not in order]
+    g.op("Transpose", xs, ys[0], perm=order)
+
+
+@lowering("Normalize")
+def _normalize(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    lay = node.layer
+    rank = len(g.bottom_shape(node))
+    across = bool(attr(lay, "across_spatial", True))
+    axes = list(range(1, rank)) if across else [1]
+    eps = float(attr(lay, "eps", 1e-10))
+    sumsq = g.reduce("ReduceSumSquare", xs[0], axes, 1)
+    norm = g.op("Sqrt", [g.op("Add", [sumsq, g.const("eps", eps)])])
+    normed = g.op("Div", [xs[0], norm])
+    scale = g.blob(node, 0)
+    shape = [1] if scale.size == 1 else _channel_shape(g, node, scale.size)
+    g.op("Mul", [normed, g.weight(node, 0, shape)], ys[0])
+
+
+@lowering("PriorBox")
+def _prior_box(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    boxes = prior_boxes(node.layer, g.bottom_shape(node, 0), g.bottom_shape(node, 1))
+    g.inits.append(numpy_helper.from_array(boxes, ys[0]))
+
+
+def prior_boxes(layer: Any, feature: Shape, image: Shape) -> np.ndarray:
+    """SSD's PriorBox top (1, 2, H*W*priors*4): boxes, then variances; float32 as Caffe."""
+    f32 = np.float32
+    min_sizes = [f32(v) for v in _floats(layer.attrs.get("min_size"))]
+    max_sizes = [f32(v) for v in _floats(layer.attrs.get("max_size"))]
+    ratios = [f32(1.0)]
+    flip = bool(attr(layer, "flip", True))
+    for ar in _floats(layer.attrs.get("aspect_ratio")):
+        if any(abs(ar - r) < 1e-6 for r in ratios):
+            continue
+        ratios.append(f32(ar))
+        if flip:
+            ratios.append(f32(1.0) / f32(ar))
+    layer_h, layer_w = feature[2], feature[3]
+    img_h, img_w = image[2], image[3]
+    a = layer.attrs
+    if "img_size" in a:
+        img_h = img_w = int(a["img_size"])
+    if "img_h" in a or "img_w" in a:
+        img_h, img_w = int(a.get("img_h", img_h)), int(a.get("img_w", img_w))
+    if "step" in a:
+        step_h = step_w = f32(a["step"])
+    elif "step_h" in a or "step_w" in a:
+        step_h, step_w = f32(a.get("step_h", 0)), f32(a.get("step_w", 0))
+    else:
+        step_h, step_w = f32(img_h) / f32(layer_h), f32(img_w) / f32(layer_w)
+    offset = f32(attr(layer, "offset", 0.5))
+    sizes: list[tuple[np.float32, np.float32]] = []
+    for s, mn in enumerate(min_sizes):
+        sizes.append((mn, mn))
+        if max_sizes:
+            side = f32(np.sqrt(mn * max_sizes[s]))
+            sizes.append((side, side))
+        for ar in ratios:
+            if abs(ar - 1.0) < 1e-6:
+                continue
+            r = f32(np.sqrt(ar))
+            sizes.append((mn * r, mn / r))
+    bw = np.array([w for w, _ in sizes], dtype=f32) / f32(2)
+    bh = np.array([h for _, h in sizes], dtype=f32) / f32(2)
+    cx = (np.arange(layer_w, dtype=f32) + offset) * step_w
+    cy = (np.arange(layer_h, dtype=f32) + offset) * step_h
+    cxg = np.broadcast_to(cx[None, :, None], (layer_h, layer_w, len(sizes)))
+    cyg = np.broadcast_to(cy[:, None, None], (layer_h, layer_w, len(sizes)))
+    boxes = np.stack(
+        [(cxg - bw) / f32(img_w), (cyg - bh) / f32(img_h),
+         (cxg + bw) / f32(img_w), (cyg + bh) / f32(img_h)], axis=-1
+    ).astype(f32).reshape(-1)
+    if attr(layer, "clip", False):
+        boxes = np.clip(boxes, 0.0, 1.0)
+    var = _floats(layer.attrs.get("variance")) or [0.1]
+    if len(var) == 1:
+        var = var * 4
+    variances = np.tile(np.asarray(var, dtype=f32), boxes.size // 4)
+    return np.stack([boxes, variances]).astype(f32).reshape(1, 2, -1)
+
+
+def _floats(v: Any) -> list[float]:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [float(x) for x in v]
+    return [float(v)]
+
+
+def _check_upsample(g: _Graph, node: Node) -> str | None:
+    if len(node.layer.bottoms) > 1:
+        return "the two-bottom (max-unpooling) form"
+    shape, top = g.info.shape(node.inputs[0]), g.info.shape(node.outputs[0])
+    if shape is not None and top is not None and (top[2] % shape[2] or top[3] % shape[3]):
+        return "an output size that is not an integer multiple of the input"
+    return None
+
+
+@lowering("Upsample", check=_check_upsample)
+def _upsample(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape, top = g.bottom_shape(node), g.top_shape(node)
+    scales = [1.0, 1.0, top[2] / shape[2], top[3] / shape[3]]
+    g.op("Resize", [xs[0], "", g.const("scales", scales)], ys[0], mode="nearest",
+         coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+# -- the exporter ------------------------------------------------------------------------------
+_DROPPED_IN_TEST = ("Silence", "Accuracy")
+
+
+@dataclass
+class _Plan:
+    nodes: list[Node]  # to lower, in order
+    inputs: list[Value]  # graph inputs (Input tops, tops of dropped data layers)
+    outputs: list[Value]
+    notes: list[str]
+
+
+def _plan(flow: Dataflow) -> _Plan:
+    from ..layers import is_data, is_loss
+
+    test = flow.state.phase == "TEST"
+    keep: list[Node] = []
+    inputs: list[Value] = []
+    notes: list[str] = []
+    stop: list[Node] = []
+    unsupported: list[str] = []
+    for node in flow.nodes:
+        lay = node.layer
+        if lay.type == "Input":
+            inputs.extend(node.outputs)
+            continue
+        if is_data(lay):
+            inputs.extend(node.outputs[:1])
+            notes.append(f"{lay.name} ({lay.type}) dropped: its top {lay.tops[0]!r} "
+                         "is a graph input")
+            continue
+        if lay.type == "DetectionOutput":
+            stop.append(node)
+            notes.append(f"{lay.name} (DetectionOutput) not exported: its bottoms "
+                         f"{', '.join(lay.bottoms)} are outputs")
+            continue
+        if test and (is_loss(lay) or lay.type in _DROPPED_IN_TEST):
+            notes.append(f"{lay.name} ({lay.type}) dropped: no meaning at inference")
+            continue
+        keep.append(node)
+    # nodes that depend on a stopped or dropped node cannot be computed: prune them
+    lowered: set[int] = {id(v) for v in inputs}
+    final: list[Node] = []
+    for node in keep:
+        if all(id(v) in lowered for v in node.inputs):
+            final.append(node)
+            lowered.update(id(v) for v in node.outputs)
+        else:
+            notes.append(f"{node.layer.name} ({node.layer.type}) dropped: it depends on a "
+                         "layer that is not exported")
+    for node in final:
+        if node.layer.type not in _TABLE:
+            unsupported.append(f"{node.layer.name!r} ({node.layer.type})")
+    if unsupported:
+        raise UnsupportedLayerError(
+            f"{len(unsupported)} layer(s) cannot be exported to ONNX: {', '.join(unsupported)}. "
+            f"Supported types: {', '.join(sorted(_TABLE))}. Remove or replace these layers "
+            "(surgery can edit the net), or register a lowering with "
+            "surgery.export.onnx.lowering."
+        )
+    consumed: set[int] = set()
+    for node in final:
+        consumed.update(id(v) for v in node.inputs)
+    outputs = [v for node in final for v in node.outputs if id(v) not in consumed]
+    for node in stop:
+        for v in node.inputs:
+            if id(v) in lowered and all(v is not o for o in outputs):
+                outputs.append(v)
+    return _Plan(final, inputs, outputs, notes)
+
+
+def _check_configs(g: _Graph, plan: _Plan) -> None:
+    problems: list[str] = []
+    missing: list[str] = []
+    for node in plan.nodes:
+        entry = _TABLE[node.layer.type]
+        if entry.check is not None:
+            reason = entry.check(g, node)
+            if reason:
+                problems.append(f"{node.layer.name!r} ({node.layer.type}: {reason})")
+        want = len(g.info.params(node))
+        have = [p for p in node.layer.params[:want] if p.data is not None]
+        if want and len(have) < want and not _has_override(g, node):
+            missing.append(f"{node.layer.name!r} ({node.layer.type})")
+    if problems:
+        raise UnsupportedLayerError(
+            f"{len(problems)} layer(s) use a configuration ONNX export does not support: "
+            + ", ".join(problems)
+        )
+    if missing:
+        raise NetError(
+            f"{len(missing)} layer(s) have no weights: {', '.join(missing[:20])}"
+            + (" ..." if len(missing) > 20 else "")
+            + ". Pass the caffemodel (--weights), or check that its layer names match the "
+            "definition."
+        )
+
+
+def _has_override(g: _Graph, node: Node) -> bool:
+    return (node.layer.name, 0) in g.overrides
+
+
+def _name_values(g: _Graph, plan: _Plan, aliases: dict[int, Value]) -> None:
+    """Rule 1 of the module docstring: the last version keeps the blob name.
+
+    A value folded away (``aliases``: folded value -> surviving value) lends the surviving
+    tensor the name of the last value of its chain.
+    """
+    values = list(plan.inputs) + [v for n in plan.nodes for v in n.outputs]
+    latest = {v.name: v for v in values}
+    for v in values:  # blob names first, so they win over helper names
+        if latest[v.name] is v:
+            g.names[id(v)] = g.fresh(v.name)
+    for v in values:
+        if id(v) not in g.names:
+            g.names[id(v)] = g.fresh(f"{v.name}@{v.producer.layer.name}")
+    for vid, root in aliases.items():  # insertion order follows the chain: the last one wins
+        g.names[id(root)] = g.names[vid]
+
+
+def _value_info(name: str, shape: Shape | None, dynamic: bool) -> onnx.ValueInfoProto:
+    if shape is None:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    dims: list[Any] = list(shape)
+    if dynamic and dims:
+        dims[0] = "N"
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _fold_bn(flow: Dataflow, plan: _Plan) -> tuple[dict[tuple[str, int], np.ndarray],
+                                                    dict[int, Value], set[int]]:
+    """Fold BatchNorm (and a following Scale) into the Convolution before it.
+
+    Returns blob overrides for the convolutions, value aliases (folded output -> conv output)
+    and the ids of the folded nodes.
+    """
+    overrides: dict[tuple[str, int], np.ndarray] = {}
+    aliases: dict[int, Value] = {}
+    folded: set[int] = set()
+    in_plan = {id(n) for n in plan.nodes}
+    done: set[str] = set()
+    for node in plan.nodes:
+        lay = node.layer
+        if lay.type != "Convolution" or len(node.outputs) != 1 or lay.name in done:
+            continue
+        if sum(1 for n in plan.nodes if n.layer.name == lay.name) != 1:
+            continue
+        chain = _fold_chain(flow, node.outputs[0], in_plan)
+        if not chain or not lay.params or lay.params[0].data is None:
+            continue
+        w = np.asarray(lay.params[0].data, dtype=np.float64)
+        c = w.shape[0]
+        has_bias = bool(attr(lay, "bias_term", True))
+        b = (np.asarray(lay.params[1].data, dtype=np.float64).reshape(-1) if has_bias
+             else np.zeros(c))
+        a = np.ones(c)
+        for step in chain:
+            mul, add = _affine_of(step)
+            if mul.size != c and mul.size != 1:
+                break
+            a = a * mul
+            b = b * mul + add
+        else:
+            overrides[(lay.name, 0)] = (w * a.reshape((c,) + (1,) * (w.ndim - 1))).astype(
+                np.float32)
+            overrides[(lay.name, 1)] = b.astype(np.float32)
+            prev = node.outputs[0]
+            for step in chain:
+                aliases[id(step.outputs[0])] = aliases.get(id(prev), prev)
+                folded.add(id(step))
+                prev = step.outputs[0]
+            done.add(lay.name)
+    return overrides, aliases, folded
+
+
+def _fold_chain(flow: Dataflow, value: Value, in_plan: set[int]) -> list[Node]:
+    chain: list[Node] = []
+    for want in ("BatchNorm", "Scale"):
+        users = [n for n, _ in flow.consumers(value) if id(n) in in_plan]
+        if len(users) != 1 or users[0].layer.type != want or len(users[0].inputs) != 1:
+            break
+        step = users[0]
+        if want == "BatchNorm":
+            stats = step.layer.attrs.get("use_global_stats")
+            if (stats is not None and not stats) or any(p.data is None for p in
+                                                        step.layer.params[:3]):
+                break
+        elif (int(attr(step.layer, "axis", 1)) != 1 or int(attr(step.layer, "num_axes", 1)) != 1
+              or any(p.data is None for p in step.layer.params)):
+            break
+        chain.append(step)
+        value = step.outputs[0]
+        if want == "BatchNorm" and not chain:
+            break
+    if chain and chain[0].layer.type != "BatchNorm":
+        return []
+    return chain
+
+
+def _affine_of(node: Node) -> tuple[np.ndarray, np.ndarray]:
+    lay = node.layer
+    if lay.type == "BatchNorm":
+        mean, var = bn_statistics([p.data for p in lay.params[:3]])  # type: ignore[misc]
+        inv = 1.0 / np.sqrt(var.astype(np.float64) + float(attr(lay, "eps", 1e-5)))
+        return inv, -mean.astype(np.float64) * inv
+    gamma = np.asarray(lay.params[0].data, dtype=np.float64).reshape(-1)
+    beta = (np.asarray(lay.params[1].data, dtype=np.float64).reshape(-1)
+            if attr(lay, "bias_term", False) else np.zeros_like(gamma))
+    return gamma, beta
+
+
+def to_onnx(
+    net: Net,
+    opset: int = 17,
+    dynamic_batch: bool = False,
+    fold_bn: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    phase: str = "TEST",
+    expose_blobs: bool = False,
+) -> onnx.ModelProto:
+    """Build an ONNX model computing what Caffe computes for ``net`` in ``phase``.
+
+    Args:
+        net: the net, with weights loaded.
+        opset: the ONNX opset (13..21; Softmax needs 13 for Caffe's axis meaning).
+        dynamic_batch: make axis 0 of the inputs and outputs symbolic (``N``).
+        fold_bn: fold BatchNorm (+ Scale) into the Convolution before it.
+        input_shapes: shapes of the inputs by blob name, overriding the Input layers'.
+        phase: ``"TEST"`` (default) or ``"TRAIN"``.
+        expose_blobs: also make the last version of every blob a graph output (for
+            comparing every intermediate with Caffe).
+
+    Returns:
+        The model; ``onnx.checker.check_model(model, full_check=True)`` passes.
+
+    Raises:
+        UnsupportedLayerError: layers (all of them named) the table cannot lower.
+        NetError: layers without weights, or an inconsistent net.
+        ShapeMismatchError: weights that do not fit the definition.
+        SurgeryError: an opset outside the supported range or unknown input shapes.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SurgeryError(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} "
+                           "(Caffe's Softmax axis needs 13 or later)")
+    flow = resolve(net, NetState(phase.upper()))
+    info = infer(flow, input_shapes)
+    plan = _plan(flow)
+    g = _Graph(flow, info, opset, dynamic_batch)
+    aliases: dict[int, Value] = {}
+    folded: set[int] = set()
+    if fold_bn:
+        g.overrides, aliases, folded = _fold_bn(flow, plan)
+    _check_configs(g, plan)
+    for v in plan.inputs:
+        if info.shape(v) is None:
+            raise SurgeryError(f"the shape of input {v.name!r} is unknown; give it with "
+                               f"input_shapes / --input-shape {v.name}=N,C,H,W")
+    _name_values(g, plan, aliases)
+
+    def tensor(v: Value) -> str:
+        return g.names[id(aliases.get(id(v), v))]
+
+    for node in plan.nodes:
+        if id(node) in folded:
+            continue
+        g.scope = node.layer.name
+        _TABLE[node.layer.type].fn(g, node, [tensor(v) for v in node.inputs],
+                                   [tensor(v) for v in node.outputs])
+    outputs = list(plan.outputs)
+    if expose_blobs:
+        names = {tensor(v) for v in outputs} | {tensor(v) for v in plan.inputs}
+        for n in plan.nodes:
+            for v in n.outputs:
+                if tensor(v) == v.name and v.name not in names:
+                    outputs.append(v)
+                    names.add(v.name)
+    seen: set[str] = set()
+    out_infos = []
+    for v in outputs:
+        name = tensor(v)
+        if name in seen:
+            continue
+        seen.add(name)
+        out_infos.append(_value_info(name, info.shape(v), dynamic_batch))
+    graph = helper.make_graph(
+        g.nodes,
+        net.name or "caffe_net",
+        [_value_info(g.names[id(v)], info.shape(v), dynamic_batch) for v in plan.inputs],
+        out_infos,
+        initializer=g.inits,
+    )
+    opset_id = helper.make_opsetid("", opset)
+    model = helper.make_model(graph, opset_imports=[opset_id], producer_name="caffe-surgery",
+                              ir_version=helper.find_min_ir_version_for([opset_id]))
+    model.doc_string = "\n".join(plan.notes)
+    return model
+
+
+def save_onnx(
+    net: Net,
+    path: str | os.PathLike[str],
+    opset: int = 17,
+    dynamic_batch: bool = False,
+    fold_bn: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    phase: str = "TEST",
+    external_threshold: int | None = None,
+) -> onnx.ModelProto:
+    """Export ``net`` and write it to ``path`` atomically (temp file + rename).
+
+    Models larger than ``external_threshold`` (default: just under protobuf's 2 GiB limit)
+    keep their initializers in ``<path>.data`` next to the model.
+
+    Returns:
+        The model written (initializers stripped when they went to external data).
+
+    Raises:
+        the errors of :func:`to_onnx`; SurgeryError when the file cannot be written.
+    """
+    model = to_onnx(net, opset, dynamic_batch, fold_bn, input_shapes, phase=phase)
+    onnx.checker.check_model(model, full_check=True)
+    limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
+    out = Path(path)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    tmp = out.with_name(f".{out.name}.tmp")
+    data_name = out.name + ".data"
+    tmp_data = out.with_name(data_name)
+    try:
+        if size > limit:
+            if tmp_data.exists():
+                tmp_data.unlink()
+            onnx.save_model(model, str(tmp), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
+        else:
+            onnx.save_model(model, str(tmp))
+        os.replace(tmp, out)
+    except OSError as exc:
+        for p in (tmp, tmp_data if size > limit else None):
+            if p is not None and p.exists():
+                p.unlink()
+        raise SurgeryError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return model
+
+
+# -- running -----------------------------------------------------------------------------------
+def providers(device: str = "auto") -> list[str]:
+    """onnxruntime execution providers: CUDA first when available (``auto``), else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise SurgeryError("onnxruntime has no CUDA provider here; install onnxruntime-gpu")
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return chosen + ["CPUExecutionProvider"]
+
+
+def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+             device: str = "auto") -> dict[str, np.ndarray]:
+    """Run a model with onnxruntime; returns every graph output by name."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers(device))
+    names = [o.name for o in sess.get_outputs()]
+    feed = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32)
+            for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, feed), strict=True))

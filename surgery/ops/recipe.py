@@ -1,0 +1,279 @@
+"""Recipes: several surgery steps on one net (and its weights), from a TOML file.
+
+```toml
+net = "train_val.prototxt"        # paths are relative to the recipe's folder
+weights = "bvlc_googlenet.caffemodel"
+output = "finetune.prototxt"
+out_weights = "finetune.caffemodel"
+seed = 1
+
+[[step]]
+op = "rename-heads"
+num_output = 7
+lr_mult = [10, 20]
+
+[[step]]
+op = "freeze"
+until = "inception_4e/output"
+```
+
+Each ``[[step]]`` names a verb (``op``) and takes that verb's options, spelled as on the
+command line or as the Python argument (``num-output`` or ``num_output``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LayerNotFoundError, SurgeryError
+from ..net import Net
+from .report import Report
+
+__all__ = ["OPS", "load_recipe", "apply_recipe", "validate_recipe"]
+
+# step op -> function name in surgery.ops
+OPS: dict[str, str] = {
+    "rename-heads": "rename_heads",
+    "freeze": "freeze",
+    "unfreeze": "unfreeze",
+    "lr": "set_lr",
+    "deploy": "to_deploy",
+    "fc-to-conv": "fc_to_conv",
+    "insert-eltwise": "insert_eltwise",
+    "insert-gate": "insert_gate",
+    "transplant": "transplant",
+}
+_TOP_KEYS = ("net", "weights", "output", "out_weights", "seed", "step")
+# option spellings of the CLI that differ from the Python argument
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "layer": ("layers",),
+    "except": ("except_",),
+    "from": ("from_", "source", "src", "weights"),
+    "map": ("mapping", "map_"),
+}
+# options holding file paths, resolved against the recipe's folder
+_PATH_OPTIONS = frozenset({"from_", "source", "src", "weights", "report", "path", "report_path"})
+_NOT_OPTIONS = frozenset({"net", "rng"})
+
+
+def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML recipe.
+
+    Raises:
+        SurgeryError: the file cannot be read or is not valid TOML (with line and column).
+    """
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SurgeryError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SurgeryError(f"{p}: not a valid TOML recipe: {exc}") from None
+
+
+def _op_function(op: str) -> Callable[..., Any]:
+    from .. import ops
+
+    try:
+        return getattr(ops, OPS[op])
+    except (ModuleNotFoundError, AttributeError):
+        raise SurgeryError(f"op {op!r} is not available in this installation") from None
+
+
+def _signature(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    return {k: v for k, v in inspect.signature(fn).parameters.items()
+            if k not in _NOT_OPTIONS and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+
+
+def _option_name(key: str, params: Mapping[str, Any]) -> str | None:
+    k = key.replace("-", "_")
+    candidates = [k, k + "_", *_ALIASES.get(key, ()), *_ALIASES.get(k, ())]
+    if keyword.iskeyword(k):
+        candidates.insert(0, k + "_")
+    return next((c for c in candidates if c in params), None)
+
+
+def _cli_spelling(name: str) -> str:
+    return name.rstrip("_").replace("_", "-")
+
+
+Step = tuple[str, Callable[..., Any], dict[str, Any]]
+
+
+def validate_recipe(recipe: Mapping[str, Any]) -> list[Step]:
+    """Check a recipe's structure, ops and options before anything runs.
+
+    Returns:
+        ``[(op, function, {argument: value})]`` for each step.
+
+    Raises:
+        SurgeryError: an unknown top-level key, op or option (naming the step index and the
+            valid names), or a step without ``op``.
+    """
+    unknown = [k for k in recipe if k.replace("-", "_") not in _TOP_KEYS and k != "steps"]
+    if unknown:
+        raise SurgeryError(
+            f"recipe: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+            + ", ".join(_TOP_KEYS)
+        )
+    steps = recipe.get("step", recipe.get("steps", []))
+    if not isinstance(steps, list) or not steps:
+        raise SurgeryError("recipe: no steps; add [[step]] tables with op = \"...\"")
+    plan = []
+    for i, step in enumerate(steps, 1):
+        if not isinstance(step, Mapping) or "op" not in step:
+            raise SurgeryError(f"step {i}: needs op = one of {', '.join(OPS)}")
+        op = str(step["op"])
+        if op.replace("_", "-") in OPS:
+            op = op.replace("_", "-")
+        if op not in OPS:
+            from ..errors import did_you_mean
+
+            raise SurgeryError(
+                f"step {i}: unknown op {op!r}{did_you_mean(op, OPS)}; valid ops: "
+                + ", ".join(OPS)
+            )
+        try:
+            fn = _op_function(op)
+        except SurgeryError as exc:
+            raise SurgeryError(f"step {i}: {exc}") from None
+        params = _signature(fn)
+        args: dict[str, Any] = {}
+        for key, value in step.items():
+            if key == "op":
+                continue
+            name = _option_name(key, params)
+            if name is None:
+                raise SurgeryError(
+                    f"step {i} ({op}): unknown option {key!r}; valid options: "
+                    + ", ".join(_cli_spelling(p) for p in params)
+                )
+            args[name] = value
+        plan.append((op, fn, args))
+    return plan
+
+
+def _resolve(base: Path, value: Any) -> Any:
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return str(base / value)
+    return value
+
+
+def apply_recipe(
+    recipe: Mapping[str, Any] | str | os.PathLike[str],
+    net: Net | None = None,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    write: bool = True,
+    output: str | os.PathLike[str] | None = None,
+    out_weights: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+) -> tuple[Net, Report]:
+    """Run a recipe's steps in order on one net, then write the result.
+
+    Rules:
+
+    1. ``recipe`` is a dict or the path of a TOML file; relative paths in it (``net``,
+       ``weights``, ``output``, ``out_weights``, and step options naming files) resolve
+       against the recipe's folder (``base_dir`` for a dict; default the current folder).
+    2. Every step is validated before anything runs: an unknown op or option is an error
+       naming the step index and the valid names.
+    3. ``net`` (when given) replaces the recipe's ``net``/``weights``.
+    4. One random generator, seeded with ``seed`` (argument, else the recipe's, else
+       :data:`surgery.fillers.DEFAULT_SEED`), serves every step, so a recipe is reproducible;
+       a step's own ``seed`` option wins for that step.
+    5. A step that fails stops the recipe with an error naming the step; nothing is written.
+    6. Only after every step succeeded, the result is written (``output``/``out_weights``,
+       arguments over the recipe's keys) unless ``write`` is false.
+
+    Args:
+        recipe: the recipe dict, or a path to a ``.toml`` file.
+        net: a net to start from instead of the recipe's ``net``.
+        base_dir: the folder relative paths resolve against (dict recipes).
+        write: write the outputs named by the recipe or the arguments.
+        output: where to write the definition (overrides the recipe's ``output``).
+        out_weights: where to write the weights (overrides ``out_weights``).
+        seed: the seed (overrides the recipe's ``seed``).
+
+    Returns:
+        ``(final net, report)``; ``report.data["steps"]`` holds each step's report.
+
+    Raises:
+        SurgeryError: a bad recipe, a failing step (its message prefixed with the step), or
+            no net to start from.
+    """
+    from ..caffe_io import load, save
+    from ..fillers import DEFAULT_SEED
+
+    if not isinstance(recipe, Mapping):
+        base = Path(recipe).resolve().parent
+        recipe = load_recipe(recipe)
+    else:
+        base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    plan = validate_recipe(recipe)  # rule 2
+    if seed is None:
+        seed = recipe.get("seed", DEFAULT_SEED)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SurgeryError(f"recipe: seed must be an integer; got {seed!r}")
+    rng = np.random.default_rng(seed)
+
+    if net is None:  # rule 3
+        if "net" not in recipe:
+            raise SurgeryError("recipe: no net = \"NET.prototxt\" (and no net given)")
+        weights = recipe.get("weights")
+        net = load(_resolve(base, recipe["net"]),
+                   _resolve(base, weights) if weights else None)
+    report = Report("apply")
+    report.seed = seed
+    current = net
+    for i, (op, fn, args) in enumerate(plan, 1):  # rules 4-5
+        call = {k: (_resolve(base, v) if k in _PATH_OPTIONS else v) for k, v in args.items()}
+        params = _signature(fn)
+        if "rng" in inspect.signature(fn).parameters and "seed" not in call:
+            call["rng"] = rng
+            if "seed" in params:
+                call["seed"] = seed
+        try:
+            current, step_report = fn(current, **call)
+        except LayerNotFoundError as exc:
+            raise LayerNotFoundError(f"step {i} ({op}): {exc}") from None
+        except SurgeryError as exc:
+            raise _prefixed(exc, f"step {i} ({op}): ") from None
+        except TypeError as exc:  # e.g. a list where a number is needed
+            raise SurgeryError(f"step {i} ({op}): bad option value: {exc}") from None
+        report.merge(step_report)
+        report.change(None, f"step {i}: {op} ({len(step_report.changed)} change(s))")
+    output = output if output is not None else (
+        _resolve(base, recipe["output"]) if recipe.get("output") else None)
+    out_weights = out_weights if out_weights is not None else (
+        _resolve(base, recipe["out_weights"]) if recipe.get("out_weights") else None)
+    if out_weights is not None and not current.has_weights:
+        raise SurgeryError("recipe: out_weights is set but the net has no weights; add "
+                           "weights = \"...caffemodel\" to the recipe")
+    report.data["output"] = None if output is None else str(output)
+    report.data["out_weights"] = None if out_weights is None else str(out_weights)
+    if write and (output is not None or out_weights is not None):  # rule 6
+        save(current, output, out_weights)
+        report.note("wrote " + " and ".join(str(p) for p in (output, out_weights) if p))
+    return current, report
+
+
+def _prefixed(exc: SurgeryError, prefix: str) -> SurgeryError:
+    try:
+        new = type(exc)(prefix + str(exc))
+    except Exception:  # noqa: BLE001 - an error class with another constructor
+        new = SurgeryError(prefix + str(exc))
+    return new

@@ -1,0 +1,35 @@
+"""The README's commands cannot drift: CI runs the README's test command, and the main job's
+surgery commands run here (onnx-graphsurgeon runs its README examples as tests)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from surgery.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bash_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    test_cmd = next(b.strip() for b in _bash_blocks() if "pytest" in b)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd in ci.splitlines(), "the README's test command and .ci/run differ"
+
+
+def test_readme_main_job_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    main_cmd = next(b.strip() for b in _bash_blocks() if "surgery " in b and "pytest" not in b)
+    monkeypatch.chdir(ROOT)
+    verbs = [c.strip() for c in main_cmd.split("&&") if c.strip().startswith("surgery ")]
+    assert verbs, "the README's main job runs no surgery verb"
+    for cmd in verbs:
+        argv = [a.replace("/tmp/", f"{tmp_path}/") for a in shlex.split(cmd)[1:]]
+        assert main(argv) == 0, cmd
