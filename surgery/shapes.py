@@ -54,6 +54,7 @@ MacsFn = Callable[[Layer, list[Shape], list[Shape]], int]
 _TOPS: dict[str, TopFn] = {}
 _PARAMS: dict[str, ParamFn] = {}
 _MACS: dict[str, MacsFn] = {}
+_NUM_BOTTOMS: dict[str, tuple[int, int | None]] = {}
 
 # Layers that read a dataset: their shapes come from ``input_shapes`` or stay unknown.
 _SOURCE_TYPES = (
@@ -78,12 +79,19 @@ def _register(table: dict[str, Any], types: Sequence[str]) -> Callable[[Any], An
     return deco
 
 
-def shape_rule(*types: str) -> Callable[[TopFn], TopFn]:
+def shape_rule(*types: str, bottoms: tuple[int, int | None] = (1, 1)) -> Callable[[TopFn], TopFn]:
     """Register a top-shape function for ``types``.
+
+    Args:
+        types: the layer types.
+        bottoms: the (min, max) number of bottoms Caffe accepts (max None: no limit).
 
     Raises:
         ValueError: one of the types already has a rule.
     """
+    for t in types:
+        if t not in _TOPS:
+            _NUM_BOTTOMS[t] = bottoms
     return _register(_TOPS, types)
 
 
@@ -135,9 +143,14 @@ def top_shapes(layer: Layer, bottom_shapes: Sequence[Shape]) -> list[Shape | Non
             "through input_shapes, or register one with surgery.shapes.shape_rule"
         )
     bottoms = [tuple(int(d) for d in s) for s in bottom_shapes]
-    if len(bottoms) != len(layer.bottoms) and layer.bottoms:
+    lo, hi = _NUM_BOTTOMS.get(layer.type, (0, None))
+    if len(bottoms) < lo or (hi is not None and len(bottoms) > hi):
+        want = str(lo) if lo == hi else f"{lo} or more" if hi is None else f"{lo} to {hi}"
         _fail(
-            layer, bottoms, f"{len(bottoms)} bottom shapes given for {len(layer.bottoms)} bottoms"
+            layer,
+            bottoms,
+            f"Caffe's {layer.type} takes {want} bottom(s), this layer has {len(bottoms)}",
+            "Fix the layer's bottoms.",
         )
     tops = fn(layer, bottoms)
     if len(tops) != len(layer.tops):
@@ -387,7 +400,7 @@ def _same(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
 
 
 # -- data layers ------------------------------------------------------------------------------
-@shape_rule("Input")
+@shape_rule("Input", bottoms=(0, 0))
 def _input(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     shapes = [_dims(s) for s in _get(layer, "shape", [])]
     n = len(layer.tops)
@@ -403,7 +416,7 @@ def _input(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [shapes[0] if len(shapes) == 1 else shapes[i] for i in range(n)]
 
 
-@shape_rule("DummyData")
+@shape_rule("DummyData", bottoms=(0, 0))
 def _dummy_data(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     n = len(layer.tops)
     legacy = [_ints(_get(layer, k, [])) for k in ("num", "channels", "height", "width")]
@@ -428,7 +441,7 @@ def _dummy_data(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [shapes[0] if len(shapes) == 1 else shapes[i] for i in range(n)]
 
 
-@shape_rule("MemoryData")
+@shape_rule("MemoryData", bottoms=(0, 0))
 def _memory_data(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     b = int(_get(layer, "batch_size", 0))
     data = (
@@ -440,12 +453,12 @@ def _memory_data(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [data, (b,)][: len(layer.tops)]
 
 
-@shape_rule(*_SOURCE_TYPES)
+@shape_rule(*_SOURCE_TYPES, bottoms=(0, None))
 def _from_dataset(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [None] * len(layer.tops)  # known only from the data itself
 
 
-@shape_rule("Silence", "HDF5Output")
+@shape_rule("Silence", "HDF5Output", bottoms=(1, None))
 def _no_tops(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return []
 
@@ -552,7 +565,7 @@ def _conv_geometry(layer: Layer, bottoms: list[Shape]) -> _ConvGeometry:
     return _ConvGeometry(channel_axis, kernel, pad, stride, dilation, num_output, group)
 
 
-@shape_rule(*CONV_TYPES)
+@shape_rule(*CONV_TYPES, bottoms=(1, None))
 def _conv(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     g = _conv_geometry(layer, bottoms)
     b = bottoms[0]
@@ -573,7 +586,7 @@ def _conv(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [top] * len(bottoms)  # one top per bottom, all of the same shape
 
 
-@shape_rule("Deconvolution")
+@shape_rule("Deconvolution", bottoms=(1, None))
 def _deconv(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     g = _conv_geometry(layer, bottoms)
     b = bottoms[0]
@@ -756,6 +769,9 @@ shape_rule(
     "Dropout",
     "Softmax",
     "MVN",
+    # PSPNet/SegNet fork BN: same shape; its blob layout differs between forks (2 or 4 blobs
+    # of (1, C, 1, 1)), so it has no param rule and loaded weights are not checked.
+    "BN",
 )(_same)
 
 
@@ -844,7 +860,7 @@ def _scale_blob_shape(layer: Layer, bottoms: list[Shape]) -> Shape:
     return b[axis:end]
 
 
-@shape_rule("Scale", "Bias")
+@shape_rule("Scale", "Bias", bottoms=(1, 2))
 def _scale(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     _scale_blob_shape(layer, bottoms)  # validates the second bottom / axes
     return [bottoms[0]]
@@ -869,7 +885,7 @@ def _scale_macs(layer: Layer, bottoms: list[Shape], tops: list[Shape]) -> int:
     return count(tops[0])
 
 
-@shape_rule("Eltwise")
+@shape_rule("Eltwise", bottoms=(2, None))
 def _eltwise(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     for i, other in enumerate(bottoms[1:], 1):
         if other != bottoms[0]:
@@ -909,7 +925,7 @@ def _join_axis(layer: Layer, bottoms: list[Shape], legacy_key: str) -> int:
     return _axis(layer, int(_get(layer, "axis", 1)), bottoms[0])
 
 
-@shape_rule("Concat")
+@shape_rule("Concat", bottoms=(1, None))
 def _concat(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     axis = _join_axis(layer, bottoms, "concat_dim")
     first = bottoms[0]
@@ -1046,7 +1062,7 @@ def _reshape(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [tuple(top)]
 
 
-@shape_rule("Crop")
+@shape_rule("Crop", bottoms=(2, 2))
 def _crop(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     if len(bottoms) != 2:
         _fail(layer, bottoms, "Crop needs two bottoms (data, reference)", "Add the reference.")
@@ -1118,7 +1134,7 @@ LOSS_TYPES = (
 )
 
 
-@shape_rule(*LOSS_TYPES)
+@shape_rule(*LOSS_TYPES, bottoms=(2, 4))
 def _loss(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     if len(bottoms) >= 2 and bottoms[0][:1] != bottoms[1][:1]:
         _fail(
@@ -1146,7 +1162,7 @@ def _loss(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return tops[: len(layer.tops)]
 
 
-@shape_rule("Accuracy")
+@shape_rule("Accuracy", bottoms=(2, 2))
 def _accuracy(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     b = bottoms[0]
     axis = _axis(layer, int(_get(layer, "axis", 1)), b)
@@ -1189,7 +1205,7 @@ def _reduction(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [b[:axis]]
 
 
-@shape_rule("Parameter")
+@shape_rule("Parameter", bottoms=(0, 0))
 def _parameter(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [_dims(_get(layer, "shape", {}))]
 
@@ -1239,7 +1255,7 @@ def num_priors(layer: Layer) -> int:
     return len(ratios) * len(min_sizes) + len(max_sizes)
 
 
-@shape_rule("PriorBox")
+@shape_rule("PriorBox", bottoms=(2, 2))
 def _prior_box(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     min_sizes = _floats(_get(layer, "min_size", []))
     max_sizes = _floats(_get(layer, "max_size", []))
@@ -1262,7 +1278,7 @@ def _prior_box(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [(1, 2, h * w * num_priors(layer) * 4)]
 
 
-@shape_rule("DetectionOutput")
+@shape_rule("DetectionOutput", bottoms=(3, 4))
 def _detection_output(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     """Rows after forward depend on the data; we return the most Caffe can produce.
 
@@ -1315,7 +1331,7 @@ def _detection_output(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
 
 
 # -- fork layers ------------------------------------------------------------------------------
-@shape_rule("Upsample")
+@shape_rule("Upsample", bottoms=(1, 2))
 def _upsample(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     b = bottoms[0]
     if len(b) != 4:
@@ -1338,7 +1354,7 @@ def _upsample(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [(b[0], b[1], up_h, up_w)]
 
 
-@shape_rule("Interp")
+@shape_rule("Interp", bottoms=(1, 2))
 def _interp(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     b = bottoms[0]
     if len(b) != 4:
@@ -1392,7 +1408,7 @@ def _shuffle_channel(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [b]
 
 
-@shape_rule("ROIPooling")
+@shape_rule("ROIPooling", bottoms=(2, 2))
 def _roi_pooling(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     ph, pw = int(_get(layer, "pooled_h", 0)), int(_get(layer, "pooled_w", 0))
     if ph <= 0 or pw <= 0:
@@ -1400,7 +1416,7 @@ def _roi_pooling(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [(bottoms[1][0], _legacy(bottoms[0], 1), ph, pw)]
 
 
-@shape_rule("PSROIPooling")
+@shape_rule("PSROIPooling", bottoms=(2, 2))
 def _psroi_pooling(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     out = int(_get(layer, "output_dim", 0))
     g = int(_get(layer, "group_size", 0))
@@ -1416,7 +1432,7 @@ def _psroi_pooling(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     return [(bottoms[1][0], out, g, g)]
 
 
-@shape_rule("Axpy")
+@shape_rule("Axpy", bottoms=(3, 3))
 def _axpy(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
     if len(bottoms) != 3:
         _fail(layer, bottoms, "Axpy needs three bottoms (a, x, y)", "Feed a, x and y.")

@@ -321,6 +321,7 @@ SAME_TYPES = [
     "Softmax",
     "Normalize",
     "ShuffleChannel",
+    "BN",
 ]
 
 
@@ -651,6 +652,21 @@ def test_unknown_type_and_top_count() -> None:
     with pytest.raises(ShapeMismatchError, match="gives 1 top"):
         tops(L("ReLU", nt=2), (1, 2))
     assert {"Convolution", "PriorBox", "Interp", "Axpy"} <= shapes.supported_types()
+
+
+@pytest.mark.parametrize(
+    ("type_", "bottoms", "want"),
+    [
+        ("Accuracy", [(4, 10)], "takes 2 bottom"),
+        ("ReLU", [(1, 2), (1, 2)], "takes 1 bottom"),
+        ("Eltwise", [(1, 2)], "2 or more"),
+        ("Scale", [(1, 2)] * 3, "1 to 2"),
+        ("Input", [(1, 2)], "takes 0 bottom"),
+    ],
+)
+def test_bottom_counts(type_: str, bottoms: list, want: str) -> None:
+    with pytest.raises(ShapeMismatchError, match=want):
+        top_shapes(L(type_, nb=len(bottoms)), bottoms)
 
 
 def test_blob_shape_matches() -> None:

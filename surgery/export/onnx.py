@@ -40,11 +40,23 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..dataflow import Dataflow, Node, Value, resolve
+from ..dataflow import Dataflow, Node, Value
 from ..errors import NetError, SurgeryError, UnsupportedLayerError
 from ..layers import attr
-from ..net import Net, NetState
+from ..net import Net
 from ..shapes import Shape, ShapeInfo, infer
+from .common import (
+    PoolGeometry,
+    batch_norm_facts,
+    conv_geometry,
+    lrn_facts,
+    plan,
+    pool_ave_divisor,
+    pool_geometry,
+    pool_output_hw,
+    pool_pads,
+    prior_boxes,
+)
 
 __all__ = [
     "to_onnx",
@@ -117,6 +129,10 @@ class _Graph:
     overrides: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     scope: str = ""
 
+    @property
+    def phase(self) -> str:
+        return self.flow.state.phase
+
     # names
     def fresh(self, base: str) -> str:
         name, n = base, 1
@@ -149,7 +165,11 @@ class _Graph:
         if index >= len(params) or params[index].data is None:
             raise SurgeryError(f"layer {node.layer.name!r} ({node.layer.type}): learnable blob "
                                f"{index} has no weights; load the caffemodel")
-        return np.asarray(params[index].data, dtype=np.float32)
+        data = np.asarray(params[index].data, dtype=np.float32)
+        want = self.info.params(node)
+        if index < len(want) and tuple(data.shape) != tuple(want[index]):
+            data = data.reshape(want[index])  # legacy 4-axis blobs (V1 biases: 1x1x1xN)
+        return data
 
     def weight(self, node: Node, index: int, shape: Sequence[int] | None = None) -> str:
         """The initializer ``<layer>.<index>`` (optionally reshaped, then named ``.../r``)."""
@@ -258,72 +278,73 @@ def _check_conv(g: _Graph, node: Node) -> str | None:
     return None
 
 
+def _conv_attrs(g: _Graph, node: Node) -> dict[str, Any]:
+    geom = conv_geometry(node.layer, len(g.bottom_shape(node)) - 2)
+    return {"kernel_shape": list(geom.kernel), "pads": list(geom.pad) * 2,
+            "strides": list(geom.stride), "dilations": list(geom.dilation),
+            "group": geom.group}
+
+
+def _conv_inputs(g: _Graph, node: Node) -> list[str]:
+    bias = attr(node.layer, "bias_term", True) or (node.layer.name, 1) in g.overrides
+    return [g.weight(node, 0)] + ([g.weight(node, 1)] if bias else [])
+
+
 @lowering("Convolution", check=_check_conv)
 def _convolution(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    lay = node.layer
-    n = len(g.bottom_shape(node)) - 2
-    kernel, pad, stride, dilation = conv_geometry(lay, n)
-    inputs = [xs[0], g.weight(node, 0)]
-    if attr(lay, "bias_term", True) or (lay.name, 1) in g.overrides:
-        inputs.append(g.weight(node, 1))
+    params, attrs = _conv_inputs(g, node), _conv_attrs(g, node)
     for x, y in zip(xs, ys, strict=True):  # Caffe convolves every bottom with the same weights
-        g.op("Conv", [x, *inputs[1:]], y, kernel_shape=kernel, pads=pad + pad, strides=stride,
-             dilations=dilation, group=int(attr(lay, "group", 1)))
+        g.op("Conv", [x, *params], y, **attrs)
 
 
 @lowering("Deconvolution", check=_check_conv)
 def _deconvolution(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    lay = node.layer
-    n = len(g.bottom_shape(node)) - 2
-    kernel, pad, stride, dilation = conv_geometry(lay, n)
-    extra = [g.weight(node, 1)] if attr(lay, "bias_term", True) else []
+    # explicit pads, no output_shape: the size is exactly s(i-1) + d(k-1) + 1 - 2p
+    params, attrs = _conv_inputs(g, node), _conv_attrs(g, node)
+    attrs["output_padding"] = [0] * len(attrs["strides"])
     for x, y in zip(xs, ys, strict=True):
-        g.op("ConvTranspose", [x, g.weight(node, 0), *extra], y, kernel_shape=kernel,
-             pads=pad + pad, strides=stride, dilations=dilation,
-             group=int(attr(lay, "group", 1)), output_padding=[0] * n)
+        g.op("ConvTranspose", [x, *params], y, **attrs)
 
 
 def _check_pool(g: _Graph, node: Node) -> str | None:
-    method = str(attr(node.layer, "pool", "MAX"))
-    if method not in ("MAX", "AVE"):
-        return f"pool: {method} (only MAX and AVE have an inference meaning)"
+    geom = pool_geometry(node.layer)
+    if geom.method not in ("MAX", "AVE"):
+        return f"pool: {geom.method} (only MAX and AVE are exported)"
+    if len(node.layer.tops) > 1:
+        return "a second (mask) top"
     return None
 
 
 @lowering("Pooling", check=_check_pool)
 def _pooling(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    lay = node.layer
     shape = g.bottom_shape(node)
-    method = str(attr(lay, "pool", "MAX"))
-    if attr(lay, "global_pooling", False):
-        g.op("GlobalMaxPool" if method == "MAX" else "GlobalAveragePool", [xs[0]], ys[0])
-        _pool_mask(g, node, ys)
+    geom = pool_geometry(node.layer)
+    if geom.global_pooling:
+        g.op("GlobalMaxPool" if geom.method == "MAX" else "GlobalAveragePool", xs, ys[0])
+    else:
+        _pool(g, geom, xs[0], ys[0], shape[2:])
+
+
+def _pool(g: _Graph, geom: PoolGeometry, x: str, y: str, in_hw: Sequence[int]) -> None:
+    """Caffe pooling: explicit pads (end pads reach Caffe's size exactly) and floor rounding."""
+    top, left, bottom, right = pool_pads(geom, in_hw)
+    kernel, stride = list(geom.kernel or ()), list(geom.stride)
+    if bottom < 0 or right < 0:  # floor rounding leaves a strip unread: crop it
+        h = in_hw[0] + min(bottom, 0)
+        w = in_hw[1] + min(right, 0)
+        x = g.op("Slice", [x, g.ints("starts", [0, 0]), g.ints("ends", [h, w]),
+                           g.ints("axes", [2, 3])])
+        bottom, right = max(bottom, 0), max(right, 0)
+    pads = [top, left, bottom, right]
+    if geom.method == "MAX":
+        g.op("MaxPool", [x], y, kernel_shape=kernel, pads=pads, strides=stride)
         return
-    kernel, pad, stride, out = pool_geometry(lay, shape)
-    _pool(g, method, xs[0], ys[0], shape, kernel, pad, stride, out)
-    _pool_mask(g, node, ys)
-
-
-def _pool_mask(g: _Graph, node: Node, ys: list[str]) -> None:
-    if len(ys) > 1:  # the argmax mask top has no ONNX meaning that matches Caffe's indices
-        raise SurgeryError(f"layer {node.layer.name!r}: the Pooling mask top cannot be exported")
-
-
-def _pool(g: _Graph, method: str, x: str, y: str, shape: Shape, kernel: Sequence[int],
-          pad: Sequence[int], stride: Sequence[int], out: Sequence[int]) -> None:
-    """Caffe pooling with explicit pads: begin = pad, end chosen so floor mode gives ``out``."""
-    end = [max((o - 1) * s + k - size - p, 0)
-           for size, k, p, s, o in zip(shape[2:], kernel, pad, stride, out, strict=True)]
-    pads = list(pad) + end
-    if method == "MAX":
-        g.op("MaxPool", [x], y, kernel_shape=list(kernel), pads=pads, strides=list(stride))
+    corr = ave_pool_correction(geom, in_hw)
+    if corr is None:  # every window lies inside the input: each divisor is the kernel area
+        g.op("AveragePool", [x], y, kernel_shape=kernel, pads=pads, strides=stride)
         return
-    corr = ave_pool_correction(shape, kernel, pad, stride, out)
-    if corr is None:  # every window lies inside the input: all divisors are the kernel size
-        g.op("AveragePool", [x], y, kernel_shape=list(kernel), pads=pads, strides=list(stride))
-        return
-    mean = g.op("AveragePool", [x], None, kernel_shape=list(kernel), pads=pads,
-                strides=list(stride), count_include_pad=0)
+    mean = g.op("AveragePool", [x], None, kernel_shape=kernel, pads=pads, strides=stride,
+                count_include_pad=0)
     g.op("Mul", [mean, g.const("ave_divisor", corr)], y)
 
 
@@ -465,38 +486,24 @@ def _swish(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
     g.op("Mul", [xs[0], g.op("Sigmoid", [x])], ys[0])
 
 
-def bn_statistics(blobs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe's BatchNorm inference statistics: blob / blob[2], with a factor of 0 giving 0."""
-    factor = float(np.asarray(blobs[2], dtype=np.float32).reshape(-1)[0]) if len(blobs) > 2 \
-        else 1.0
-    scale = np.float32(0.0 if factor == 0 else 1.0 / factor)
-    mean = np.asarray(blobs[0], dtype=np.float32).reshape(-1) * scale
-    var = np.asarray(blobs[1], dtype=np.float32).reshape(-1) * scale
-    return mean.astype(np.float32), var.astype(np.float32)
-
-
-def _bn_global(g: _Graph, node: Node) -> bool:
-    stats = node.layer.attrs.get("use_global_stats")
-    return g.flow.state.phase == "TEST" if stats is None else bool(stats)
-
-
 @lowering("BatchNorm")
 def _batch_norm(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    lay = node.layer
-    eps = float(attr(lay, "eps", 1e-5))
+    facts = batch_norm_facts(node.layer)
     shape = g.bottom_shape(node)
     c = shape[1] if len(shape) > 1 else 1
-    if _bn_global(g, node):
-        mean, var = bn_statistics([g.blob(node, i) for i in range(3)])
+    if facts.global_stats(g.phase):
+        if facts.mean is None or facts.var is None:
+            g.blob(node, 0)  # raises the missing-weights error
         g.op("BatchNormalization",
              [xs[0], g.const("gamma", np.ones(c)), g.const("beta", np.zeros(c)),
-              g.const("mean", mean), g.const("var", var)], ys[0], epsilon=eps)
+              g.const("mean", facts.mean), g.const("var", facts.var)], ys[0],
+             epsilon=facts.eps)
         return
     axes = [0] + list(range(2, len(shape)))  # statistics of this batch (use_global_stats false)
     mean = g.reduce("ReduceMean", xs[0], axes, 1)
     centered = g.op("Sub", [xs[0], mean])
     var = g.reduce("ReduceMean", g.op("Mul", [centered, centered]), axes, 1)
-    std = g.op("Sqrt", [g.op("Add", [var, g.const("eps", eps)])])
+    std = g.op("Sqrt", [g.op("Add", [var, g.const("eps", facts.eps)])])
     g.op("Div", [centered, std], ys[0])
 
 
@@ -555,25 +562,16 @@ def _check_lrn(g: _Graph, node: Node) -> str | None:
 
 @lowering("LRN", check=_check_lrn)
 def _lrn(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    lay = node.layer
-    size = int(attr(lay, "local_size", 5))
-    alpha = float(attr(lay, "alpha", 1.0))
-    beta = float(attr(lay, "beta", 0.75))
-    if str(attr(lay, "norm_region", "ACROSS_CHANNELS")) == "ACROSS_CHANNELS":
-        g.op("LRN", xs, ys[0], size=size, alpha=alpha, beta=beta,
-             bias=float(attr(lay, "k", 1.0)))
+    f = lrn_facts(node.layer)
+    if f.region == "ACROSS_CHANNELS":
+        g.op("LRN", xs, ys[0], size=f.local_size, alpha=f.alpha, beta=f.beta, bias=f.k)
         return
-    # WITHIN_CHANNEL: x / (1 + alpha * avepool_nxn(x^2))^beta, Caffe's AVE pooling (pad (n-1)/2)
-    shape = g.bottom_shape(node)
-    pad = (size - 1) // 2
-    n = len(shape) - 2
-    sq = g.op("Mul", [xs[0], xs[0]])
+    # WITHIN_CHANNEL: x / (1 + alpha * avepool_nxn(x^2))^beta with Caffe's AVE pooling
+    geom = PoolGeometry("AVE", (f.local_size, f.local_size), (1, 1), (f.pad, f.pad))
     pooled = g.tmp("pooled")
-    kernel, pads, stride = [size] * n, [pad] * n, [1] * n
-    out = [s + 2 * pad - size + 1 for s in shape[2:]]
-    _pool(g, "AVE", sq, pooled, shape, kernel, pads, stride, out)
-    base = _affine(g, pooled, alpha, 1.0)
-    g.op("Mul", [xs[0], g.op("Pow", [base, g.const("neg_beta", -beta)])], ys[0])
+    _pool(g, geom, g.op("Mul", [xs[0], xs[0]]), pooled, g.bottom_shape(node)[2:])
+    base = _affine(g, pooled, f.alpha, 1.0)
+    g.op("Mul", [xs[0], g.op("Pow", [base, g.const("neg_beta", -f.beta)])], ys[0])
 
 
 def _check_eltwise(g: _Graph, node: Node) -> str | None:
@@ -803,73 +801,9 @@ def _normalize(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
 
 @lowering("PriorBox")
 def _prior_box(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    boxes = prior_boxes(node.layer, g.bottom_shape(node, 0), g.bottom_shape(node, 1))
+    # a constant of the shapes only: computed here, stored as an initializer
+    boxes = prior_boxes(node.layer, g.bottom_shape(node, 0)[2:], g.bottom_shape(node, 1)[2:])
     g.inits.append(numpy_helper.from_array(boxes, ys[0]))
-
-
-def prior_boxes(layer: Any, feature: Shape, image: Shape) -> np.ndarray:
-    """SSD's PriorBox top (1, 2, H*W*priors*4): boxes, then variances; float32 as Caffe."""
-    f32 = np.float32
-    min_sizes = [f32(v) for v in _floats(layer.attrs.get("min_size"))]
-    max_sizes = [f32(v) for v in _floats(layer.attrs.get("max_size"))]
-    ratios = [f32(1.0)]
-    flip = bool(attr(layer, "flip", True))
-    for ar in _floats(layer.attrs.get("aspect_ratio")):
-        if any(abs(ar - r) < 1e-6 for r in ratios):
-            continue
-        ratios.append(f32(ar))
-        if flip:
-            ratios.append(f32(1.0) / f32(ar))
-    layer_h, layer_w = feature[2], feature[3]
-    img_h, img_w = image[2], image[3]
-    a = layer.attrs
-    if "img_size" in a:
-        img_h = img_w = int(a["img_size"])
-    if "img_h" in a or "img_w" in a:
-        img_h, img_w = int(a.get("img_h", img_h)), int(a.get("img_w", img_w))
-    if "step" in a:
-        step_h = step_w = f32(a["step"])
-    elif "step_h" in a or "step_w" in a:
-        step_h, step_w = f32(a.get("step_h", 0)), f32(a.get("step_w", 0))
-    else:
-        step_h, step_w = f32(img_h) / f32(layer_h), f32(img_w) / f32(layer_w)
-    offset = f32(attr(layer, "offset", 0.5))
-    sizes: list[tuple[np.float32, np.float32]] = []
-    for s, mn in enumerate(min_sizes):
-        sizes.append((mn, mn))
-        if max_sizes:
-            side = f32(np.sqrt(mn * max_sizes[s]))
-            sizes.append((side, side))
-        for ar in ratios:
-            if abs(ar - 1.0) < 1e-6:
-                continue
-            r = f32(np.sqrt(ar))
-            sizes.append((mn * r, mn / r))
-    bw = np.array([w for w, _ in sizes], dtype=f32) / f32(2)
-    bh = np.array([h for _, h in sizes], dtype=f32) / f32(2)
-    cx = (np.arange(layer_w, dtype=f32) + offset) * step_w
-    cy = (np.arange(layer_h, dtype=f32) + offset) * step_h
-    cxg = np.broadcast_to(cx[None, :, None], (layer_h, layer_w, len(sizes)))
-    cyg = np.broadcast_to(cy[:, None, None], (layer_h, layer_w, len(sizes)))
-    boxes = np.stack(
-        [(cxg - bw) / f32(img_w), (cyg - bh) / f32(img_h),
-         (cxg + bw) / f32(img_w), (cyg + bh) / f32(img_h)], axis=-1
-    ).astype(f32).reshape(-1)
-    if attr(layer, "clip", False):
-        boxes = np.clip(boxes, 0.0, 1.0)
-    var = _floats(layer.attrs.get("variance")) or [0.1]
-    if len(var) == 1:
-        var = var * 4
-    variances = np.tile(np.asarray(var, dtype=f32), boxes.size // 4)
-    return np.stack([boxes, variances]).astype(f32).reshape(1, 2, -1)
-
-
-def _floats(v: Any) -> list[float]:
-    if v is None:
-        return []
-    if isinstance(v, (list, tuple)):
-        return [float(x) for x in v]
-    return [float(v)]
 
 
 def _check_upsample(g: _Graph, node: Node) -> str | None:
@@ -890,80 +824,11 @@ def _upsample(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
 
 
 # -- the exporter ------------------------------------------------------------------------------
-_DROPPED_IN_TEST = ("Silence", "Accuracy")
-
-
-@dataclass
-class _Plan:
-    nodes: list[Node]  # to lower, in order
-    inputs: list[Value]  # graph inputs (Input tops, tops of dropped data layers)
-    outputs: list[Value]
-    notes: list[str]
-
-
-def _plan(flow: Dataflow) -> _Plan:
-    from ..layers import is_data, is_loss
-
-    test = flow.state.phase == "TEST"
-    keep: list[Node] = []
-    inputs: list[Value] = []
-    notes: list[str] = []
-    stop: list[Node] = []
-    unsupported: list[str] = []
-    for node in flow.nodes:
-        lay = node.layer
-        if lay.type == "Input":
-            inputs.extend(node.outputs)
-            continue
-        if is_data(lay):
-            inputs.extend(node.outputs[:1])
-            notes.append(f"{lay.name} ({lay.type}) dropped: its top {lay.tops[0]!r} "
-                         "is a graph input")
-            continue
-        if lay.type == "DetectionOutput":
-            stop.append(node)
-            notes.append(f"{lay.name} (DetectionOutput) not exported: its bottoms "
-                         f"{', '.join(lay.bottoms)} are outputs")
-            continue
-        if test and (is_loss(lay) or lay.type in _DROPPED_IN_TEST):
-            notes.append(f"{lay.name} ({lay.type}) dropped: no meaning at inference")
-            continue
-        keep.append(node)
-    # nodes that depend on a stopped or dropped node cannot be computed: prune them
-    lowered: set[int] = {id(v) for v in inputs}
-    final: list[Node] = []
-    for node in keep:
-        if all(id(v) in lowered for v in node.inputs):
-            final.append(node)
-            lowered.update(id(v) for v in node.outputs)
-        else:
-            notes.append(f"{node.layer.name} ({node.layer.type}) dropped: it depends on a "
-                         "layer that is not exported")
-    for node in final:
-        if node.layer.type not in _TABLE:
-            unsupported.append(f"{node.layer.name!r} ({node.layer.type})")
-    if unsupported:
-        raise UnsupportedLayerError(
-            f"{len(unsupported)} layer(s) cannot be exported to ONNX: {', '.join(unsupported)}. "
-            f"Supported types: {', '.join(sorted(_TABLE))}. Remove or replace these layers "
-            "(surgery can edit the net), or register a lowering with "
-            "surgery.export.onnx.lowering."
-        )
-    consumed: set[int] = set()
-    for node in final:
-        consumed.update(id(v) for v in node.inputs)
-    outputs = [v for node in final for v in node.outputs if id(v) not in consumed]
-    for node in stop:
-        for v in node.inputs:
-            if id(v) in lowered and all(v is not o for o in outputs):
-                outputs.append(v)
-    return _Plan(final, inputs, outputs, notes)
-
-
-def _check_configs(g: _Graph, plan: _Plan) -> None:
+def _check_configs(g: _Graph, nodes: Sequence[Node]) -> None:
+    """Every unsupported configuration, then every layer without weights, in one error each."""
     problems: list[str] = []
     missing: list[str] = []
-    for node in plan.nodes:
+    for node in nodes:
         entry = _TABLE[node.layer.type]
         if entry.check is not None:
             reason = entry.check(g, node)
@@ -971,12 +836,13 @@ def _check_configs(g: _Graph, plan: _Plan) -> None:
                 problems.append(f"{node.layer.name!r} ({node.layer.type}: {reason})")
         want = len(g.info.params(node))
         have = [p for p in node.layer.params[:want] if p.data is not None]
-        if want and len(have) < want and not _has_override(g, node):
+        if want and len(have) < want:
             missing.append(f"{node.layer.name!r} ({node.layer.type})")
     if problems:
         raise UnsupportedLayerError(
-            f"{len(problems)} layer(s) use a configuration ONNX export does not support: "
-            + ", ".join(problems)
+            f"{len(problems)} layer(s) use a configuration the ONNX export does not support: "
+            + ", ".join(problems) + ". Change these layers (surgery can edit the net) or "
+            "export to torch."
         )
     if missing:
         raise NetError(
@@ -987,17 +853,14 @@ def _check_configs(g: _Graph, plan: _Plan) -> None:
         )
 
 
-def _has_override(g: _Graph, node: Node) -> bool:
-    return (node.layer.name, 0) in g.overrides
-
-
-def _name_values(g: _Graph, plan: _Plan, aliases: dict[int, Value]) -> None:
-    """Rule 1 of the module docstring: the last version keeps the blob name.
+def _name_values(g: _Graph, inputs: Sequence[Value], nodes: Sequence[Node],
+                 aliases: Mapping[int, Value]) -> None:
+    """Naming rule 1: the last version keeps the blob name.
 
     A value folded away (``aliases``: folded value -> surviving value) lends the surviving
     tensor the name of the last value of its chain.
     """
-    values = list(plan.inputs) + [v for n in plan.nodes for v in n.outputs]
+    values = list(inputs) + [v for n in nodes for v in n.outputs]
     latest = {v.name: v for v in values}
     for v in values:  # blob names first, so they win over helper names
         if latest[v.name] is v:
@@ -1018,86 +881,83 @@ def _value_info(name: str, shape: Shape | None, dynamic: bool) -> onnx.ValueInfo
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
 
-def _fold_bn(flow: Dataflow, plan: _Plan) -> tuple[dict[tuple[str, int], np.ndarray],
-                                                    dict[int, Value], set[int]]:
-    """Fold BatchNorm (and a following Scale) into the Convolution before it.
+@dataclass
+class _Folding:
+    overrides: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    aliases: dict[int, Value] = field(default_factory=dict)  # folded value -> conv output
+    folded: set[int] = field(default_factory=set)  # ids of folded nodes
+    notes: list[str] = field(default_factory=list)
 
-    Returns blob overrides for the convolutions, value aliases (folded output -> conv output)
-    and the ids of the folded nodes.
+
+def _fold_bn(flow: Dataflow, nodes: Sequence[Node]) -> _Folding:
+    """Fold BatchNorm (and a Scale right after it) into the Convolution before it.
+
+    Folded when: the convolution's only lowered consumer is the BatchNorm (using global
+    statistics), the BatchNorm's only consumer is the Scale (``axis: 1``, ``num_axes: 1``, one
+    bottom), and every blob is loaded. The product is computed in float64, stored as float32.
     """
-    overrides: dict[tuple[str, int], np.ndarray] = {}
-    aliases: dict[int, Value] = {}
-    folded: set[int] = set()
-    in_plan = {id(n) for n in plan.nodes}
-    done: set[str] = set()
-    for node in plan.nodes:
+    fold = _Folding()
+    lowered = {id(n) for n in nodes}
+    for node in nodes:
         lay = node.layer
-        if lay.type != "Convolution" or len(node.outputs) != 1 or lay.name in done:
+        if lay.type != "Convolution" or len(node.outputs) != 1 or len(node.inputs) != 1:
             continue
-        if sum(1 for n in plan.nodes if n.layer.name == lay.name) != 1:
+        if any(p.data is None for p in lay.params) or not lay.params:
             continue
-        chain = _fold_chain(flow, node.outputs[0], in_plan)
-        if not chain or not lay.params or lay.params[0].data is None:
+        chain = _fold_chain(flow, node.outputs[0], lowered)
+        if not chain:
             continue
         w = np.asarray(lay.params[0].data, dtype=np.float64)
         c = w.shape[0]
-        has_bias = bool(attr(lay, "bias_term", True))
-        b = (np.asarray(lay.params[1].data, dtype=np.float64).reshape(-1) if has_bias
-             else np.zeros(c))
-        a = np.ones(c)
+        b = (np.asarray(lay.params[1].data, dtype=np.float64).reshape(-1)
+             if attr(lay, "bias_term", True) else np.zeros(c))
         for step in chain:
-            mul, add = _affine_of(step)
-            if mul.size != c and mul.size != 1:
-                break
-            a = a * mul
+            mul, add = _affine_of(step, c)
+            w = w * mul.reshape((c,) + (1,) * (w.ndim - 1))
             b = b * mul + add
-        else:
-            overrides[(lay.name, 0)] = (w * a.reshape((c,) + (1,) * (w.ndim - 1))).astype(
-                np.float32)
-            overrides[(lay.name, 1)] = b.astype(np.float32)
-            prev = node.outputs[0]
-            for step in chain:
-                aliases[id(step.outputs[0])] = aliases.get(id(prev), prev)
-                folded.add(id(step))
-                prev = step.outputs[0]
-            done.add(lay.name)
-    return overrides, aliases, folded
+        fold.overrides[(lay.name, 0)] = w.astype(np.float32)
+        fold.overrides[(lay.name, 1)] = b.astype(np.float32)
+        for step in chain:
+            fold.aliases[id(step.outputs[0])] = node.outputs[0]
+            fold.folded.add(id(step))
+        fold.notes.append(f"folded {' + '.join(repr(s.layer.name) for s in chain)} into "
+                          f"{lay.name!r}")
+    return fold
 
 
-def _fold_chain(flow: Dataflow, value: Value, in_plan: set[int]) -> list[Node]:
+def _fold_chain(flow: Dataflow, value: Value, lowered: set[int]) -> list[Node]:
     chain: list[Node] = []
     for want in ("BatchNorm", "Scale"):
-        users = [n for n, _ in flow.consumers(value) if id(n) in in_plan]
+        users = [n for n, _ in flow.consumers(value) if id(n) in lowered]
         if len(users) != 1 or users[0].layer.type != want or len(users[0].inputs) != 1:
             break
         step = users[0]
-        if want == "BatchNorm":
-            stats = step.layer.attrs.get("use_global_stats")
-            if (stats is not None and not stats) or any(p.data is None for p in
-                                                        step.layer.params[:3]):
-                break
-        elif (int(attr(step.layer, "axis", 1)) != 1 or int(attr(step.layer, "num_axes", 1)) != 1
-              or any(p.data is None for p in step.layer.params)):
+        if any(p.data is None for p in step.layer.params) or not step.layer.params:
+            break
+        if want == "BatchNorm" and not batch_norm_facts(step.layer).global_stats(
+                flow.state.phase):
+            break
+        if want == "Scale" and (int(attr(step.layer, "axis", 1)) != 1
+                                or int(attr(step.layer, "num_axes", 1)) != 1):
             break
         chain.append(step)
         value = step.outputs[0]
-        if want == "BatchNorm" and not chain:
-            break
-    if chain and chain[0].layer.type != "BatchNorm":
-        return []
     return chain
 
 
-def _affine_of(node: Node) -> tuple[np.ndarray, np.ndarray]:
+def _affine_of(node: Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` per channel such that the layer computes ``a * x + b``."""
     lay = node.layer
     if lay.type == "BatchNorm":
-        mean, var = bn_statistics([p.data for p in lay.params[:3]])  # type: ignore[misc]
-        inv = 1.0 / np.sqrt(var.astype(np.float64) + float(attr(lay, "eps", 1e-5)))
-        return inv, -mean.astype(np.float64) * inv
-    gamma = np.asarray(lay.params[0].data, dtype=np.float64).reshape(-1)
-    beta = (np.asarray(lay.params[1].data, dtype=np.float64).reshape(-1)
-            if attr(lay, "bias_term", False) else np.zeros_like(gamma))
-    return gamma, beta
+        f = batch_norm_facts(lay)
+        assert f.mean is not None and f.var is not None
+        inv = 1.0 / np.sqrt(f.var.astype(np.float64) + np.float64(np.float32(f.eps)))
+        mul, add = inv, -f.mean.astype(np.float64) * inv
+    else:
+        mul = np.asarray(lay.params[0].data, dtype=np.float64).reshape(-1)
+        add = (np.asarray(lay.params[1].data, dtype=np.float64).reshape(-1)
+               if attr(lay, "bias_term", False) else np.zeros_like(mul))
+    return np.broadcast_to(mul, (channels,)), np.broadcast_to(add, (channels,))
 
 
 def to_onnx(
@@ -1118,73 +978,68 @@ def to_onnx(
         dynamic_batch: make axis 0 of the inputs and outputs symbolic (``N``).
         fold_bn: fold BatchNorm (+ Scale) into the Convolution before it.
         input_shapes: shapes of the inputs by blob name, overriding the Input layers'.
-        phase: ``"TEST"`` (default) or ``"TRAIN"``.
-        expose_blobs: also make the last version of every blob a graph output (for
-            comparing every intermediate with Caffe).
+        phase: ``"TEST"`` (default) or ``"TRAIN"`` (loss layers are dropped either way).
+        expose_blobs: also make the last version of every blob a graph output, to compare
+            every intermediate with Caffe.
 
     Returns:
-        The model; ``onnx.checker.check_model(model, full_check=True)`` passes.
+        The model; ``onnx.checker.check_model(model, full_check=True)`` passes. Its
+        ``doc_string`` lists the layers dropped or folded.
 
     Raises:
-        UnsupportedLayerError: layers (all of them named) the table cannot lower.
-        NetError: layers without weights, or an inconsistent net.
+        UnsupportedLayerError: the layers (all of them) the table cannot lower.
+        NetError: layers without weights, or a net Caffe would refuse.
         ShapeMismatchError: weights that do not fit the definition.
-        SurgeryError: an opset outside the supported range or unknown input shapes.
+        SurgeryError: an opset outside the supported range, or unknown input shapes.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise SurgeryError(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} "
                            "(Caffe's Softmax axis needs 13 or later)")
-    flow = resolve(net, NetState(phase.upper()))
-    info = infer(flow, input_shapes)
-    plan = _plan(flow)
-    g = _Graph(flow, info, opset, dynamic_batch)
-    aliases: dict[int, Value] = {}
-    folded: set[int] = set()
-    if fold_bn:
-        g.overrides, aliases, folded = _fold_bn(flow, plan)
-    _check_configs(g, plan)
-    for v in plan.inputs:
+    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    p = plan(net, phase, supported=supported_types(), input_shapes=shapes,
+             lower_detection_output=False, lower_losses=False, infer_shapes=False)
+    info = infer(p.flow, shapes)  # checks the weights' shapes too
+    g = _Graph(p.flow, info, opset, dynamic_batch)
+    for v in p.inputs:
         if info.shape(v) is None:
             raise SurgeryError(f"the shape of input {v.name!r} is unknown; give it with "
                                f"input_shapes / --input-shape {v.name}=N,C,H,W")
-    _name_values(g, plan, aliases)
+    _check_configs(g, p.nodes)
+    fold = _fold_bn(p.flow, p.nodes) if fold_bn else _Folding()
+    g.overrides = fold.overrides
+    _name_values(g, p.inputs, p.nodes, fold.aliases)
 
     def tensor(v: Value) -> str:
-        return g.names[id(aliases.get(id(v), v))]
+        return g.names[id(fold.aliases.get(id(v), v))]
 
-    for node in plan.nodes:
-        if id(node) in folded:
+    for node in p.nodes:
+        if id(node) in fold.folded:
             continue
         g.scope = node.layer.name
         _TABLE[node.layer.type].fn(g, node, [tensor(v) for v in node.inputs],
                                    [tensor(v) for v in node.outputs])
-    outputs = list(plan.outputs)
+    outputs = list(p.outputs)
     if expose_blobs:
-        names = {tensor(v) for v in outputs} | {tensor(v) for v in plan.inputs}
-        for n in plan.nodes:
-            for v in n.outputs:
-                if tensor(v) == v.name and v.name not in names:
+        taken = {tensor(v) for v in outputs} | {tensor(v) for v in p.inputs}
+        for node in p.nodes:
+            for v in node.outputs:
+                if tensor(v) == v.name and v.name not in taken:
                     outputs.append(v)
-                    names.add(v.name)
-    seen: set[str] = set()
-    out_infos = []
+                    taken.add(v.name)
+    out_infos: dict[str, onnx.ValueInfoProto] = {}
     for v in outputs:
-        name = tensor(v)
-        if name in seen:
-            continue
-        seen.add(name)
-        out_infos.append(_value_info(name, info.shape(v), dynamic_batch))
+        out_infos.setdefault(tensor(v), _value_info(tensor(v), info.shape(v), dynamic_batch))
     graph = helper.make_graph(
         g.nodes,
         net.name or "caffe_net",
-        [_value_info(g.names[id(v)], info.shape(v), dynamic_batch) for v in plan.inputs],
-        out_infos,
+        [_value_info(tensor(v), info.shape(v), dynamic_batch) for v in p.inputs],
+        list(out_infos.values()),
         initializer=g.inits,
     )
     opset_id = helper.make_opsetid("", opset)
     model = helper.make_model(graph, opset_imports=[opset_id], producer_name="caffe-surgery",
                               ir_version=helper.find_min_ir_version_for([opset_id]))
-    model.doc_string = "\n".join(plan.notes)
+    model.doc_string = "\n".join(p.notes + fold.notes)
     return model
 
 

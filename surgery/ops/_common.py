@@ -11,7 +11,8 @@ new values are new arrays.
 - :func:`param_shapes` / :func:`learnable_count`: learnable blob shapes of a layer as Caffe
   would create them (from :mod:`surgery.shapes`).
 - :func:`ensure_params`: pad ``layer.params`` to one entry per learnable blob.
-- :func:`new_layer_weights` / :func:`fill_new_weights`: fresh blobs from a layer's fillers.
+- :func:`new_layer_weights` / :func:`fill_new_weights` / :func:`fill_missing_weights`: fresh
+  blobs from layers' fillers.
 - :func:`consumers_of`, :func:`rewire`: redirect the readers of one layer's output;
   :func:`rename_top`: rename a layer's output blob with its in-place chain and readers.
 - :func:`unique_name`, :func:`match_globs`, :func:`finish`.
@@ -40,6 +41,7 @@ __all__ = [
     "ensure_params",
     "new_layer_weights",
     "fill_new_weights",
+    "fill_missing_weights",
     "consumers_of",
     "rewire",
     "rename_top",
@@ -326,6 +328,25 @@ def fill_new_weights(
                 p.data = b
         out[name] = [tuple(b.shape) for b in blobs]
     return out
+
+
+def fill_missing_weights(net: Net, rng: np.random.Generator) -> list[str]:
+    """Give every learnable layer of ``net`` that has no weights fresh blobs from its fillers
+    (in place on the op's own copy): what Caffe does for layers a caffemodel does not cover.
+
+    Returns:
+        The names of the layers filled, in net order.
+
+    Raises:
+        NetError: shapes cannot be inferred for one of them.
+    """
+    names = list(dict.fromkeys(
+        lay.name for lay in net.layers
+        if learnable_count(lay) > 0 and not any(t.has_weights for t in net.layers_named(lay.name))
+    ))
+    if names:
+        fill_new_weights(net, names, rng)
+    return names
 
 
 def consumers_of(net: Net, layer: Layer | str, top_index: int = 0) -> list[tuple[Layer, int]]:

@@ -1,0 +1,175 @@
+"""CLI verbs that change the graph or move weights: insert-eltwise, insert-gate, transplant.
+
+Each is a thin wrapper: load -> op (which checks) -> save atomically -> print the report. Only
+light modules are imported here (no torch, no onnx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .cli import CliError, emit, ensure_output
+
+__all__ = ["register"]
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """Refuse outputs that overwrite inputs, then load the net (with weights if given)."""
+    from .caffe_io import load
+
+    weights = getattr(args, "weights", None)
+    out_weights = getattr(args, "out_weights", None)
+    ensure_output([args.net, weights], args.output, args.in_place)
+    if out_weights is not None:
+        ensure_output([args.net, weights], out_weights, args.in_place, "--out-weights")
+        if weights is None:
+            raise CliError("--out-weights needs --weights (the caffemodel to start from)")
+        if out_weights == args.output:
+            raise CliError("-o and --out-weights name the same file")
+    elif weights is not None:
+        raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
+    return load(args.net, weights)
+
+
+def _save(args: argparse.Namespace, net: Any, report: Any) -> int:
+    from .caffe_io import save
+
+    out_weights = getattr(args, "out_weights", None)
+    save(net, args.output, out_weights)
+    data = report.as_dict()
+    data.update(output=args.output, out_weights=out_weights)
+    text = report.text() + f"\nwrote {args.output}" + (f" and {out_weights}" if out_weights
+                                                       else "")
+    emit(data, text, args.json)
+    return 0
+
+
+def cmd_insert_eltwise(args: argparse.Namespace) -> int:
+    from .ops.insert import insert_eltwise
+
+    coeff = None
+    if args.coeff is not None:
+        try:
+            coeff = [float(c) for c in args.coeff.split(",") if c.strip()]
+        except ValueError:
+            raise CliError(f"--coeff must be C1,C2 (numbers); got {args.coeff!r}") from None
+    net = _load(args)
+    new, report = insert_eltwise(net, args.bottoms, args.operation, coeff, args.name)
+    return _save(args, new, report)
+
+
+def cmd_insert_gate(args: argparse.Namespace) -> int:
+    from .ops.insert import insert_gate
+
+    net = _load(args)
+    channels: int | str = 1 if args.channels == "1" else "same"
+    new, report = insert_gate(net, args.at, channels, args.activation, args.init,
+                              name=args.name, seed=args.seed)
+    return _save(args, new, report)
+
+
+def _mapping(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        for part in item.split(","):
+            src, sep, dst = part.partition("=")
+            if not sep or not src or not dst:
+                raise CliError(f"--map takes SRC_LAYER=DST_LAYER; got {part!r}")
+            if src in out and out[src] != dst:
+                raise CliError(f"--map names {src!r} twice ({out[src]!r} and {dst!r})")
+            out[src] = dst
+    return out
+
+
+def cmd_transplant(args: argparse.Namespace) -> int:
+    from .caffe_io import load, read_weights, save, write_text_atomic
+    from .ops.transplant import transplant
+
+    mapping = _mapping(args.map)
+    ensure_output([args.net, args.source, args.weights], args.output, args.in_place)
+    if args.report is not None:
+        ensure_output([args.net, args.source, args.weights, args.output], args.report,
+                      args.in_place, "--report")
+    net = load(args.net, args.weights)
+    source = read_weights(args.source)
+    new, report = transplant(net, source, mapping, args.on_mismatch, seed=args.seed)
+    save(new, weights=args.output)
+    data = report.as_dict()
+    data.update(output=args.output)
+    if args.report is not None:
+        write_text_atomic(args.report, json.dumps(data, indent=1, default=str) + "\n")
+    c = report.data["counts"]
+    summary = (
+        f"\n{c['copied']} copied, {c['reinitialised']} re-initialised, {c['skipped']} skipped, "
+        f"{c['filled']} filled from fillers, {c['unused']} unused source layer(s); "
+        f"{report.data['bytes']['copied']:,} bytes copied\nwrote {args.output}"
+        + (f" and {args.report}" if args.report else "")
+    )
+    emit(data, report.text() + summary, args.json)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the verbs to the ``surgery`` argument parser's subparsers."""
+    p = sub.add_parser(
+        "insert-eltwise",
+        help="add an Eltwise (prod/sum/max) on two values; later readers of A read it",
+        description="Add an Eltwise layer on A and B after both are produced and rewire the "
+        "later readers of A to its output. A name is a LAYER (its own output, before any "
+        "in-place layer), LAYER:i (top i), or a blob (its last version). 1 channel against C "
+        "channels gets a Tile.",
+    )
+    p.add_argument("net", help="NET.prototxt")
+    p.add_argument("-o", "--output", required=True, help="OUT.prototxt")
+    p.add_argument("--bottoms", nargs=2, required=True, metavar=("A", "B"))
+    p.add_argument("--operation", default="prod", choices=["prod", "sum", "max"])
+    p.add_argument("--coeff", help="C1,C2 (sum only)")
+    p.add_argument("--name", help="name of the new layer and its top")
+    p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_insert_eltwise)
+
+    p = sub.add_parser(
+        "insert-gate",
+        help="add a learned multiplicative gate after a layer's own output",
+        description="1x1 Convolution -> Sigmoid -> (Tile) -> Eltwise PROD with LAYER's own "
+        "output (before any in-place layer; name the in-place layer to gate after it), and "
+        "rewire LAYER's later readers. --init identity leaves the outputs unchanged.",
+    )
+    p.add_argument("net", help="NET.prototxt")
+    p.add_argument("-o", "--output", required=True, help="OUT.prototxt")
+    p.add_argument("--at", required=True, metavar="LAYER", help="LAYER or LAYER:i")
+    p.add_argument("--channels", default="1", choices=["1", "same"])
+    p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "none"])
+    p.add_argument("--init", default="random", choices=["random", "identity"])
+    p.add_argument("--name", help="prefix of the new layers (default: LAYER)")
+    p.add_argument("--weights", help="IN.caffemodel")
+    p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for the random gate weights (default: surgery.fillers.DEFAULT_SEED)")
+    p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_insert_gate)
+
+    p = sub.add_parser(
+        "transplant",
+        help="copy weights by layer name from a caffemodel (Caffe's CopyTrainedLayersFrom)",
+        description="Copy every source layer's blobs into the layer of the same name in NET "
+        "(after --map), as caffe train -weights does; write a caffemodel for NET. Layers "
+        "without a source get values from their fillers.",
+    )
+    p.add_argument("net", help="NET.prototxt (the target definition)")
+    p.add_argument("--from", dest="source", required=True, metavar="SRC.caffemodel")
+    p.add_argument("-o", "--output", required=True, help="OUT.caffemodel")
+    p.add_argument("--weights", help="start from these weights for NET (later ones override)")
+    p.add_argument("--map", action="append", metavar="SRC=DST",
+                   help="copy source layer SRC into target layer DST (repeatable)")
+    p.add_argument("--on-mismatch", default="error", choices=["error", "reinit", "skip"])
+    p.add_argument("--report", metavar="R.json", help="also write the report as JSON")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for fresh values (default: surgery.fillers.DEFAULT_SEED)")
+    p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_transplant)
