@@ -82,17 +82,25 @@ def _fmt_mult(v: float) -> str:
     return f"{v:g}"
 
 
-def info_report(net: Any, phase: str = "TEST") -> dict[str, Any]:
-    """The data behind ``surgery info``: layers, totals, upgrades and problems."""
+def info_report(
+    net: Any, phase: str = "TEST", input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, Any]:
+    """The data behind ``surgery info``: layers, totals, upgrades and problems.
+
+    Dataset layers get the shapes their parameters imply (reported as assumptions) unless
+    ``input_shapes`` gives them.
+    """
     import numpy as np
 
     from .check import check
     from .dataflow import implicit_splits, resolve
     from .net import NetState
-    from .shapes import infer
+    from .shapes import guess_dataset_shapes, infer
 
     flow = resolve(net, NetState(phase))
-    info = infer(flow)
+    guessed, notes = guess_dataset_shapes(flow, input_shapes)
+    assumptions = list(notes.values())
+    info = infer(flow, {**guessed, **(input_shapes or {})}, check_weights=False)
     splits: dict[int, list[Any]] = {}
     for sp in implicit_splits(flow):
         splits.setdefault(id(sp.after), []).append(sp)
@@ -170,6 +178,7 @@ def info_report(net: Any, phase: str = "TEST") -> dict[str, Any]:
             "frozen_layers": sum(1 for lay in layers if lay["frozen"]),
         },
         "upgrades": list(net.upgrades),
+        "assumptions": assumptions,
         "problems": problems,
     }
 
@@ -206,6 +215,8 @@ def info_text(rep: dict[str, Any]) -> str:
     )
     for u in rep["upgrades"]:
         lines.append(f"upgrade: {u}")
+    for a in rep["assumptions"]:
+        lines.append(f"assumed: {a}")
     for p in rep["problems"]:
         where = f"layer {p['layer']!r}: " if p["layer"] else ""
         phase = f" [{p['phase']}]" if p["phase"] else ""
@@ -219,9 +230,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .caffe_io import load
 
     net = load(args.net, args.weights)
-    rep = info_report(net, args.phase.upper())
+    rep = info_report(net, args.phase.upper(), parse_input_shapes(args.input_shape))
     emit(rep, info_text(rep), args.json)
     return 0
+
+
+def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``BLOB=N,C,H,W`` options (a bare ``N,C,H,W`` names the blob ``data``).
+
+    Raises:
+        CliError: a malformed shape.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, _, dims = item.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise CliError(f"--input-shape {item!r}: expected BLOB=N,C,H,W with positive integers")
+        out[name or "data"] = shape
+    return out
 
 
 # -- upgrade ----------------------------------------------------------------------------------
@@ -263,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("net", help="NET.prototxt")
     p.add_argument("--weights", help="W.caffemodel")
     p.add_argument("--phase", default="test", choices=["train", "test", "TRAIN", "TEST"])
+    p.add_argument(
+        "--input-shape", action="append", default=[], metavar="BLOB=N,C,H,W",
+        help="shape of a data/input blob (repeatable); overrides the definition",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 

@@ -1445,3 +1445,59 @@ def _axpy(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
             "Fix the inputs.",
         )
     return [x]
+
+
+_IMAGE_SOURCES = {"Data": "data_param", "AnnotatedData": "data_param",
+                  "ImageData": "image_data_param", "WindowData": "window_data_param"}
+
+
+def guess_dataset_shapes(
+    flow: Dataflow, given: Mapping[str, Sequence[int]] | None = None
+) -> tuple[dict[str, Shape], dict[str, str]]:
+    """Shapes for dataset layers that their parameters imply, with a note per assumption.
+
+    An image source with a ``crop_size`` (or ImageData's ``new_height``/``new_width``) gives
+    ``(batch_size, C, H, W)`` for its first top and ``(batch_size,)`` for the label. ``C`` is
+    taken from the first consumer's loaded convolution weights, ImageData's ``is_color``, or
+    assumed 3 (BGR images) -- each assumption is reported. Pass ``input_shapes`` to
+    :func:`infer` to override.
+    """
+    shapes: dict[str, Shape] = {}
+    notes: dict[str, str] = {}  # by data top name
+    for node in flow.nodes:
+        layer = node.layer
+        pfield = _IMAGE_SOURCES.get(layer.type)
+        if pfield is None or node.inputs or not layer.tops:
+            continue
+        params = layer.attrs if layer.param_field == pfield else layer.extra.get(pfield, {})
+        batch = int(params.get("batch_size", 0) or 0)
+        transform = layer.extra.get("transform_param", {})
+        crop = int(transform.get("crop_size", 0) or 0)
+        h = w = crop
+        if not crop and layer.type == "ImageData":
+            h, w = int(params.get("new_height", 0)), int(params.get("new_width", 0))
+        if layer.tops[0] in given:
+            if len(layer.tops) > 1 and layer.tops[1] not in given:
+                shapes[layer.tops[1]] = (int(given[layer.tops[0]][0]),)
+            continue
+        if not (batch and h and w):
+            continue
+        channels, why = 3, "assumed 3 (BGR images)"
+        if layer.type == "ImageData" and not params.get("is_color", True):
+            channels, why = 1, "is_color: false"
+        for consumer, _ in flow.consumers(node.outputs[0]):
+            blobs = consumer.layer.params
+            if consumer.layer.type == "Convolution" and blobs and blobs[0].data is not None:
+                group = int(consumer.layer.attrs.get("group", 1))
+                channels = int(blobs[0].data.shape[1]) * group
+                why = f"from {consumer.layer.name!r}'s weights"
+                break
+        shapes[layer.tops[0]] = (batch, channels, h, w)
+        if len(layer.tops) > 1:
+            shapes[layer.tops[1]] = (batch,)
+        notes[layer.tops[0]] = (
+            f"{layer.name!r} ({flow.state.phase}): {layer.tops[0]} taken as "
+            f"{batch}x{channels}x{h}x{w} (batch_size, channels {why}, crop/resize); "
+            "override with --input-shape"
+        )
+    return shapes, notes

@@ -244,3 +244,26 @@ def test_ir_core_imports_no_serialization_format() -> None:
     for mod in ("net.py", "dataflow.py", "errors.py"):
         src = (root / mod).read_text()
         assert "google.protobuf" not in src and "caffe_pb2" not in src, mod
+
+
+def test_info_guesses_dataset_shapes_and_reports_the_assumption(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    path = ZOO / "bvlc_googlenet" / "train_val.prototxt"
+    assert main(["info", str(path), "--phase", "train", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["assumptions"] and "32x3x224x224" in rep["assumptions"][0]
+    # GoogLeNet with its two auxiliary heads: 13,378,280 learnable values (1000 classes)
+    assert rep["totals"]["params"] == 13_378_280
+    heads = [lay for lay in rep["layers"] if lay["name"].endswith("/classifier")]
+    assert [h["params"][0]["shape"] for h in heads] == [[1000, 2048], [1000, 2048], [1000, 1024]]
+
+
+def test_info_input_shape_overrides_data_and_label(capsys: pytest.CaptureFixture) -> None:
+    path = ZOO / "caffe_mnist" / "lenet_train_test.prototxt"
+    assert main(["info", str(path), "--input-shape", "data=64,1,28,28", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    ip2 = next(lay for lay in rep["layers"] if lay["name"] == "ip2")
+    assert ip2["top_shapes"] == [[64, 10]]
+    assert rep["assumptions"] == []
+    assert main(["info", str(path), "--input-shape", "data=0,1"]) == 2

@@ -73,6 +73,7 @@ __all__ = [
     "Dropped",
     "ExportPlan",
     "plan",
+    "split_blob_values",
 ]
 
 #: Types that compute metrics or swallow blobs; never lowered.
@@ -790,3 +791,20 @@ def plan(
 
         shapes = infer(flow, dict(input_shapes or {}), check_weights=False)
     return ExportPlan(net, state, flow, nodes, inputs, outputs, losses, dropped, notes, shapes)
+
+
+def split_blob_values(flow: Dataflow) -> dict[str, Value]:
+    """Caffe's automatic split blobs (``<blob>_<layer>_<i>_split_<j>``) -> the value they copy.
+
+    Caffe's ``InsertSplits`` gives every extra reader of a top its own copy named
+    ``SplitBlobName(layer, blob, top index, reader index)``; goldens and caffemodels carry these
+    names. Every reader index up to the consumer count is listed.
+    """
+    out: dict[str, Value] = {}
+    for node in flow.nodes:
+        for v in node.outputs:
+            readers = len(flow.consumers(v))
+            if readers > 1:
+                for j in range(readers):
+                    out[f"{v.name}_{node.layer.name}_{v.top_index}_split_{j}"] = v
+    return out

@@ -979,8 +979,8 @@ def to_onnx(
         fold_bn: fold BatchNorm (+ Scale) into the Convolution before it.
         input_shapes: shapes of the inputs by blob name, overriding the Input layers'.
         phase: ``"TEST"`` (default) or ``"TRAIN"`` (loss layers are dropped either way).
-        expose_blobs: also make the last version of every blob a graph output, to compare
-            every intermediate with Caffe.
+        expose_blobs: also make every blob a graph output, to compare every intermediate
+            with Caffe (earlier in-place versions as ``<blob>@<layer>``).
 
     Returns:
         The model; ``onnx.checker.check_model(model, full_check=True)`` passes. Its
@@ -1023,9 +1023,9 @@ def to_onnx(
         taken = {tensor(v) for v in outputs} | {tensor(v) for v in p.inputs}
         for node in p.nodes:
             for v in node.outputs:
-                if tensor(v) == v.name and v.name not in taken:
+                if tensor(v) not in taken and id(node) not in fold.folded:
                     outputs.append(v)
-                    taken.add(v.name)
+                    taken.add(tensor(v))
     out_infos: dict[str, onnx.ValueInfoProto] = {}
     for v in outputs:
         out_infos.setdefault(tensor(v), _value_info(tensor(v), info.shape(v), dynamic_batch))

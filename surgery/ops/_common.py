@@ -457,6 +457,7 @@ def match_globs(
     *,
     what: str = "--layers",
     candidates: Sequence[Layer] | None = None,
+    kind: str = "",
 ) -> list[str]:
     """Layer names (unique, net order) matching any glob; each glob must match something.
 
@@ -465,6 +466,7 @@ def match_globs(
         patterns: globs (``"inception_4*"``) or exact names; a single string is one pattern.
         what: the option name, for messages.
         candidates: restrict matching to these layers (e.g. learnable ones).
+        kind: describes the candidates in messages ("InnerProduct or Convolution").
 
     Raises:
         LayerNotFoundError: a pattern matches no layer (with a did-you-mean).
@@ -480,10 +482,10 @@ def match_globs(
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
             where = f" in {net.source}" if net.source else ""
-            kind = "glob" if any(c in pat for c in "*?[") else "layer"
+            noun = "glob" if any(c in pat for c in "*?[") else "layer"
             raise LayerNotFoundError(
-                f"{what}: {kind} {pat!r} matches no "
-                f"{'learnable ' if candidates is not None else ''}layer{where}"
+                f"{what}: {noun} {pat!r} matches no "
+                f"{kind + ' ' if kind else ''}layer{where}"
                 + did_you_mean(pat, names)
             )
         chosen.update(hits)

@@ -120,8 +120,9 @@ def rename_heads(
 
     Rules:
 
-    1. The heads are ``layers`` (names or globs), else the keys of ``rename``, else
-       :func:`find_heads`. Each must be an InnerProduct or a Convolution.
+    1. The heads are ``layers`` (names, or globs matched against InnerProduct and
+       Convolution layers), else the keys of ``rename``, else :func:`find_heads`. Each must be
+       an InnerProduct or a Convolution.
     2. Each head is renamed to ``rename[old]`` or ``old + suffix``; every layer of that name
        (TRAIN/TEST twins) together. A new name already in the net is an error.
     3. ``num_output`` is set on each head.
@@ -164,7 +165,13 @@ def rename_heads(
     out = net.copy()
 
     if layers is not None:  # rule 1
-        heads = C.match_globs(out, layers, what="--layer")
+        pats = [layers] if isinstance(layers, str) else list(layers)
+        globs = [p for p in pats if any(c in p for c in "*?[")]
+        exact = C.match_globs(out, [p for p in pats if p not in globs], what="--layer")
+        typed = [lay for lay in out.layers if lay.type in HEAD_TYPES]
+        found = set(exact) | set(C.match_globs(out, globs, what="--layer", candidates=typed,
+                                                    kind="InnerProduct or Convolution"))
+        heads = [n for n in dict.fromkeys(lay.name for lay in out.layers) if n in found]
     elif rename:
         heads = C.match_globs(out, list(rename), what="--rename")
     else:
