@@ -20,6 +20,27 @@ _DROP_TYPES = ("Accuracy", "Silence")
 _LOSS_TO_PROB = {"SoftmaxWithLoss": "Softmax", "SigmoidCrossEntropyLoss": "Sigmoid"}
 
 
+def _missing(flow: Any, lay: Layer) -> str:
+    """What the data layer does not say (for the error message)."""
+    node = next((n for n in flow.nodes if n.layer is lay), None)
+    parts = []
+    if C._batch_size(lay) is None:
+        parts.append("no batch_size")
+    if C._crop_hw(lay) is None:
+        parts.append("no crop_size (or new_height/new_width)")
+    if node is None or C._channels(flow, node) is None:
+        parts.append("no channel count (no mean_value per channel, no loaded first-conv weights)")
+    return "it has " + ", ".join(parts) if parts else "its shape is unknown"
+
+
+def _root_producer(value: Any) -> Layer:
+    """The layer that first made ``value``'s blob (before in-place layers)."""
+    while value.version > 0:
+        node = value.producer
+        value = node.inputs[value.top_index]
+    return value.producer.layer
+
+
 def _shape_arg(shape: Any, what: str = "input_shape") -> tuple[int, ...]:
     if isinstance(shape, str):
         shape = [s for s in shape.replace("x", ",").split(",") if s.strip()]
@@ -108,8 +129,7 @@ def to_deploy(
             if shape is None:
                 raise SurgeryError(
                     f"cannot tell the input shape of {data_top!r} (data layer {lay.name!r}, "
-                    f"{lay.type}): it has no crop_size/batch_size/channels to read; give "
-                    "--input-shape N,C,H,W"
+                    f"{lay.type}): {_missing(flow, lay)}; give --input-shape N,C,H,W"
                 )
             inputs.append(
                 Layer(data_top, "Input", [], [data_top],
@@ -228,10 +248,12 @@ def fc_to_conv(
             raise NetError(f"layer {name!r} has axis {attr(lay, 'axis', 1)}; only axis 1 "
                            "(flatten C,H,W) has an equivalent Convolution")
         shape = None
+        producer = None
         for flow, info in infos:
             node = next((n for n in flow.nodes if n.layer is lay), None)
             if node is not None and info.bottoms(node) and info.bottoms(node)[0] is not None:
                 shape = tuple(info.bottoms(node)[0])
+                producer = _root_producer(node.inputs[0])
                 break
         if shape is None:
             raise NetError(f"layer {name!r}: the shape of its bottom {lay.bottoms[0]!r} is "
@@ -239,6 +261,13 @@ def fc_to_conv(
         if len(shape) not in (2, 4):
             raise NetError(f"layer {name!r}: bottom {lay.bottoms[0]!r} has shape {shape}; "
                            "fc-to-conv needs an N,C,H,W or N,K bottom")
+        if len(shape) == 2 and producer is not None and producer.name not in names:
+            raise NetError(
+                f"layer {name!r}: its bottom {lay.bottoms[0]!r} is 2-D {shape}, made by "
+                f"{producer.name!r} ({producer.type}), which is not being converted; a "
+                f"Convolution needs spatial axes: convert {producer.name!r} too "
+                f"(--layers {producer.name},{name})"
+            )
         bottoms[name] = shape
         bottom_names[name] = lay.bottoms[0]
     for name in names:

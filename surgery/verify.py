@@ -1,0 +1,514 @@
+"""Run a net on several backends and compare every blob they share.
+
+Backends (each optional, imported only when used):
+
+* ``onnxruntime`` -- the net exported by :func:`surgery.export.onnx.to_onnx` with every blob
+  exposed;
+* ``torch`` -- :func:`surgery.export.to_torch`;
+* ``opencv`` -- OpenCV 4.x ``cv2.dnn.readNetFromCaffe``, an implementation independent of ours.
+
+The reference, in order of preference: a golden folder's ``outputs.npz`` (and ``probes.json``
+for the blobs too big to store) written by Caffe itself, else OpenCV, else the first backend.
+
+Comparison rules:
+
+1. A blob is compared under its Caffe name, after the last layer that wrote it (what Caffe's
+   blob holds after a forward pass).
+2. Error per blob and backend: ``max|a - b|`` and ``max|a - b| / max|b|`` (``b`` the
+   reference). A shape mismatch (the element count differs) or a non-finite value fails.
+3. ``DetectionOutput`` rows are compared as a set: both sides sorted by row.
+4. The run fails when any relative error exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SurgeryError
+from .net import Net, NetState
+
+__all__ = [
+    "BACKENDS",
+    "BlobError",
+    "VerifyReport",
+    "verify",
+    "load_inputs",
+    "random_inputs",
+    "compare",
+]
+
+BACKENDS = ("onnxruntime", "torch", "opencv")
+GOLDEN = "golden"
+
+
+@dataclass
+class BlobError:
+    """The error of one blob on one backend against the reference.
+
+    Attributes:
+        blob: the Caffe blob name.
+        backend: the backend compared.
+        shape: the reference shape.
+        max_abs: ``max|a - b|`` (inf on a shape mismatch or a non-finite value).
+        max_rel: ``max_abs / max|b|``.
+        note: why the comparison failed outright, or ''.
+    """
+
+    blob: str
+    backend: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    note: str = ""
+
+    def ok(self, tolerance: float) -> bool:
+        return self.max_rel <= tolerance
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "blob": self.blob,
+            "backend": self.backend,
+            "shape": list(self.shape),
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "note": self.note,
+        }
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found.
+
+    Attributes:
+        reference: the name of the reference (``golden``, ``opencv``, or a backend).
+        tolerance: the largest relative error accepted.
+        backends: the backends that ran.
+        skipped: backend -> why it did not run.
+        rows: one :class:`BlobError` per compared blob and backend, in net order.
+        inputs: input name -> shape.
+        uncompared: backend -> number of reference blobs it did not produce.
+    """
+
+    reference: str
+    tolerance: float
+    backends: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    rows: list[BlobError] = field(default_factory=list)
+    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    uncompared: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[BlobError]:
+        return [r for r in self.rows if not r.ok(self.tolerance)]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and not self.failures
+
+    def worst(self, backend: str) -> BlobError | None:
+        rows = [r for r in self.rows if r.backend == backend]
+        return max(rows, key=lambda r: r.max_rel) if rows else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "tolerance": self.tolerance,
+            "backends": self.backends,
+            "skipped": self.skipped,
+            "inputs": {k: list(v) for k, v in self.inputs.items()},
+            "rows": [r.as_dict() for r in self.rows],
+            "uncompared": self.uncompared,
+            "passed": self.passed,
+        }
+
+    def table(self) -> str:
+        """The per-blob, per-backend error table and a summary line per backend."""
+        head = ("blob", "shape", "backend", "max abs", "max rel", "")
+        body = [
+            (
+                r.blob,
+                "x".join(map(str, r.shape)) or "scalar",
+                r.backend,
+                f"{r.max_abs:.3g}",
+                f"{r.max_rel:.3g}",
+                ("ok" if r.ok(self.tolerance) else "FAIL") + (f" ({r.note})" if r.note else ""),
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)) + "  "
+                 + row[5] for row in [head, *body]]
+        lines.append("")
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.inputs.items())
+        lines.append(f"reference: {self.reference}; inputs: {shapes}; "
+                     f"tolerance (max rel): {self.tolerance:g}")
+        for b in self.backends:
+            worst = self.worst(b)
+            n = sum(1 for r in self.rows if r.backend == b)
+            bad = sum(1 for r in self.failures if r.backend == b)
+            if worst is None:
+                lines.append(f"{b}: no blob in common with the reference")
+                continue
+            lines.append(
+                f"{b}: {n} blobs, worst {worst.max_rel:.3g} ({worst.blob}), "
+                + (f"{bad} above tolerance" if bad else "all within tolerance")
+                + (f"; {self.uncompared[b]} reference blobs not produced"
+                   if self.uncompared.get(b) else "")
+            )
+        for b, why in self.skipped.items():
+            lines.append(f"{b}: skipped: {why}")
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def _input_shapes(net: Net, phase: str) -> dict[str, tuple[int, ...] | None]:
+    from .export.common import plan
+    from .shapes import infer
+
+    p = plan(net, phase, supported=_ALL_TYPES, infer_shapes=False, lower_losses=False)
+    info = infer(p.flow, check_weights=False)
+    return {v.name: info.shape(v) for v in p.inputs}
+
+
+class _Everything(frozenset):  # a plan that only needs the inputs accepts every type
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ALL_TYPES = _Everything()
+
+
+def load_inputs(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` for the net's inputs ``names``.
+
+    One array and one input match whatever the array is called.
+
+    Raises:
+        SurgeryError: the file cannot be read, or an input is missing.
+    """
+    try:
+        with np.load(path) as z:
+            arrays = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise SurgeryError(f"{path}: cannot read as .npz: {exc}") from None
+    if len(arrays) == 1 and len(names) == 1 and names[0] not in arrays:
+        return {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise SurgeryError(f"{path}: no array for input(s) {missing}; it holds "
+                           f"{sorted(arrays)}. Save one array per net input, by name.")
+    return {n: arrays[n] for n in names}
+
+
+def random_inputs(shapes: Mapping[str, Sequence[int] | None], seed: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs of the given shapes.
+
+    Raises:
+        SurgeryError: a shape is unknown.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if shape is None:
+            raise SurgeryError(f"the shape of input {name!r} is unknown; pass --input X.npz")
+        out[name] = rng.standard_normal(tuple(shape)).astype(np.float32)
+    return out
+
+
+# -- comparison -------------------------------------------------------------------------------
+def compare(got: np.ndarray, want: np.ndarray, *, as_set: bool = False
+            ) -> tuple[float, float, str]:
+    """``(max_abs, max_rel, note)`` of ``got`` against the reference ``want`` (rule 2, 3)."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.size != want.size:
+        return math.inf, math.inf, f"shape {'x'.join(map(str, got.shape))}"
+    got = got.reshape(want.shape)
+    if as_set and want.ndim >= 2:
+        got, want = _sorted_rows(got), _sorted_rows(want)
+    if not np.all(np.isfinite(got)) and not np.array_equal(got, want, equal_nan=True):
+        return math.inf, math.inf, "non-finite values"
+    if got.size == 0:
+        return 0.0, 0.0, ""
+    diff = float(np.max(np.abs(got - want)))
+    scale = float(np.max(np.abs(want)))
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+    return diff, rel, ""
+
+
+def _sorted_rows(a: np.ndarray) -> np.ndarray:
+    rows = a.reshape(-1, a.shape[-1])
+    order = np.lexsort(np.round(rows, 4).T[::-1])
+    return rows[order]
+
+
+# -- backends ---------------------------------------------------------------------------------
+Runner = Callable[[Net, dict[str, np.ndarray], str, "_Files"], dict[str, np.ndarray]]
+
+
+@dataclass
+class _Files:
+    """The definition and weights on disk (OpenCV reads files)."""
+
+    prototxt: str | None
+    weights: str | None
+
+
+def _run_onnxruntime(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
+                     ) -> dict[str, np.ndarray]:
+    from .export.onnx import run_onnx, to_onnx
+
+    shapes = {k: v.shape for k, v in inputs.items()}
+    model = to_onnx(net, input_shapes=shapes, phase=phase, expose_blobs=True)
+    return {k: v for k, v in run_onnx(model, inputs).items() if "@" not in k}
+
+
+def _run_torch(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
+               ) -> dict[str, np.ndarray]:
+    from .export import torch as texport
+
+    run_blobs = getattr(texport, "run_blobs", None)
+    if run_blobs is not None:
+        out = run_blobs(net, inputs, phase=phase)
+    else:  # pragma: no cover - older torch exporter without run_blobs
+        import torch
+
+        module = texport.to_torch(net, phase)
+        module.eval()
+        with torch.no_grad():
+            res = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+        out = res if isinstance(res, Mapping) else {}
+    return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+            for k, v in out.items()}
+
+
+def _run_opencv(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
+                ) -> dict[str, np.ndarray]:
+    import cv2
+
+    from .dataflow import resolve
+
+    if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+        raise _Skip("this OpenCV has no cv2.dnn.readNetFromCaffe (OpenCV 5 removed it)")
+    with tempfile.TemporaryDirectory(prefix="surgery-verify-") as tmp:
+        proto, weights = files.prototxt, files.weights
+        if proto is None or weights is None:
+            from .caffe_io import save
+
+            proto, weights = str(Path(tmp) / "net.prototxt"), str(Path(tmp) / "w.caffemodel")
+            save(net, proto, weights)
+        try:
+            cvnet = cv2.dnn.readNetFromCaffe(proto, weights)
+        except cv2.error as exc:
+            raise _Skip(f"OpenCV cannot read the net: {_first_line(exc)}") from None
+    if hasattr(cvnet, "enableWinograd"):  # Caffe has no Winograd: keep its rounding close
+        cvnet.enableWinograd(False)
+    cvnet.enableFusion(False)
+    cvnet.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    flow = resolve(net, NetState(phase))
+    known = set(cvnet.getLayerNames())
+    wanted: dict[str, str] = {}  # OpenCV layer -> blob (the layer that wrote it last)
+    for blob in flow.blob_names():
+        value = flow.latest(blob)
+        layer = value.producer.layer
+        if value.top_index == 0 and layer.name in known and layer.type != "Input":
+            wanted.setdefault(layer.name, blob)
+    for name, x in inputs.items():
+        cvnet.setInput(np.ascontiguousarray(x), name)
+    names = list(wanted)
+    try:
+        outs = cvnet.forward(names)
+    except cv2.error as exc:
+        raise _Skip(f"OpenCV cannot run the net: {_first_line(exc)}") from None
+    return {wanted[n]: np.asarray(o) for n, o in zip(names, outs, strict=True)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return next((t for t in text if "error" in t.lower()), text[0] if text else type(exc).__name__)
+
+
+class _Skip(Exception):
+    """A backend that cannot run this net here (not installed, unreadable by it)."""
+
+
+_RUNNERS: dict[str, Runner] = {
+    "onnxruntime": _run_onnxruntime,
+    "torch": _run_torch,
+    "opencv": _run_opencv,
+}
+_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "torch": ("torch",), "opencv": ("cv2",)}
+
+
+def _available(backend: str) -> str | None:
+    import importlib.util
+
+    for mod in _MODULES[backend]:
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed"
+    return None
+
+
+# -- golden -----------------------------------------------------------------------------------
+def _golden(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                   dict[str, Any], dict[str, Any]]:
+    try:
+        with np.load(folder / "input.npz") as z:
+            inputs = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+        with np.load(folder / "outputs.npz") as z:
+            outputs = {k: np.asarray(z[k]) for k in z.files}
+        meta = json.loads((folder / "meta.json").read_text()) if (
+            folder / "meta.json").exists() else {}
+        probes = json.loads((folder / "probes.json").read_text()) if (
+            folder / "probes.json").exists() else {}
+    except (OSError, ValueError) as exc:
+        raise SurgeryError(f"{folder}: not a golden folder (input.npz, outputs.npz, "
+                           f"meta.json, probes.json): {exc}") from None
+    return inputs, outputs, meta, probes
+
+
+def _compare_probes(got: np.ndarray, probe: Mapping[str, Any]) -> tuple[float, float, str]:
+    shape = tuple(probe["shape"])
+    if got.size != math.prod(shape):
+        return math.inf, math.inf, f"shape {'x'.join(map(str, got.shape))}"
+    idx = np.asarray(probe["index"], dtype=np.int64)
+    want = np.asarray(probe["value"], dtype=np.float64)
+    diff, rel, note = compare(got.reshape(-1)[idx], want)
+    return diff, rel, note or "probed"
+
+
+# -- the entry point --------------------------------------------------------------------------
+def verify(
+    net: Net,
+    *,
+    backends: Sequence[str] = BACKENDS,
+    golden: str | os.PathLike[str] | None = None,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    tolerance: float | None = None,
+    seed: int = 0,
+    phase: str = "TEST",
+    prototxt: str | os.PathLike[str] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+) -> VerifyReport:
+    """Run ``net`` on ``backends`` with one input and compare every common blob.
+
+    Args:
+        net: the net with its weights.
+        backends: any of ``onnxruntime``, ``torch``, ``opencv``. One that is not installed,
+            or (OpenCV only) cannot read the net, is skipped with the reason.
+        golden: a golden folder: its ``input.npz`` is the input and Caffe's ``outputs.npz``
+            (plus ``probes.json``) the reference.
+        inputs: the input arrays by name (else golden, else seeded random of the inferred
+            input shapes).
+        tolerance: the largest relative error accepted (default: the golden's ``tolerance``,
+            else 1e-4).
+        seed: the seed of the random input.
+        phase: the phase to run.
+        prototxt: the definition file (OpenCV reads files; written to a temp folder if None).
+        weights: the caffemodel file.
+
+    Returns:
+        The report; ``report.passed`` says whether every blob is within the tolerance.
+
+    Raises:
+        SurgeryError: unknown backends, unreadable inputs, unknown input shapes, no backend
+            able to run, or an export error of our own backends (unsupported layers...).
+    """
+    unknown = [b for b in backends if b not in _RUNNERS]
+    if unknown or not backends:
+        raise SurgeryError(f"unknown backend(s) {unknown or list(backends)}; choose from "
+                           f"{', '.join(BACKENDS)}")
+    phase = phase.upper()
+    ref_blobs: dict[str, np.ndarray] = {}
+    probes: dict[str, Any] = {}
+    reference = ""
+    if golden is not None:
+        g_in, ref_blobs, meta, probes = _golden(Path(golden))
+        reference = f"golden ({Path(golden).name}, Caffe)"
+        if tolerance is None:
+            tolerance = float(meta.get("tolerance", 1e-4))
+        if inputs is None:
+            inputs = g_in
+    tolerance = 1e-4 if tolerance is None else float(tolerance)
+    if tolerance < 0 or math.isnan(tolerance):
+        raise SurgeryError(f"tolerance must be >= 0, got {tolerance}")
+    shapes = _input_shapes(net, phase)
+    if inputs is None:
+        feed = random_inputs(shapes, seed)
+    else:
+        missing = [n for n in shapes if n not in inputs]
+        if missing:
+            raise SurgeryError(f"no input array for {missing}; the net's inputs are "
+                               f"{sorted(shapes)}")
+        feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in shapes}
+    for name, arr in feed.items():
+        want = shapes.get(name)
+        if want is not None and len(want) != arr.ndim:
+            raise SurgeryError(f"input {name!r} has shape {arr.shape}; the net expects "
+                               f"{len(want)} axes like {tuple(want)}")
+    files = _Files(str(prototxt) if prototxt else net.source,
+                   str(weights) if weights else net.weights_source)
+    report = VerifyReport(reference, tolerance, inputs={k: v.shape for k, v in feed.items()})
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for b in backends:
+        why = _available(b)
+        if why is not None:
+            report.skipped[b] = why
+            continue
+        try:
+            results[b] = _RUNNERS[b](net, dict(feed), phase, files)
+        except _Skip as exc:
+            report.skipped[b] = str(exc)
+    if not results:
+        raise SurgeryError("no backend could run the net: " + "; ".join(
+            f"{b}: {w}" for b, w in report.skipped.items()))
+    if not ref_blobs and not probes:
+        ref_name = "opencv" if "opencv" in results else next(iter(results))
+        ref_blobs = results.pop(ref_name)
+        report.reference = f"{ref_name} (independent)" if ref_name == "opencv" else ref_name
+    report.backends = list(results)
+    order = _blob_order(net, phase)
+    det = _detection_blobs(net, phase)
+    ref_names = [n for n in order if n in ref_blobs or n in probes]
+    ref_names += sorted((set(ref_blobs) | set(probes)) - set(ref_names) - set(feed))
+    for b, got in results.items():
+        report.uncompared[b] = 0
+        for name in ref_names:
+            if name in feed:
+                continue
+            if name not in got:
+                report.uncompared[b] += 1
+                continue
+            if name in ref_blobs:
+                want = ref_blobs[name]
+                diff, rel, note = compare(got[name], want, as_set=name in det)
+                shape = tuple(want.shape)
+            else:
+                diff, rel, note = _compare_probes(got[name], probes[name])
+                shape = tuple(probes[name]["shape"])
+            report.rows.append(BlobError(name, b, shape, diff, rel, note))
+    return report
+
+
+def _blob_order(net: Net, phase: str) -> list[str]:
+    from .dataflow import resolve
+
+    return resolve(net, NetState(phase)).blob_names()
+
+
+def _detection_blobs(net: Net, phase: str) -> set[str]:
+    from .dataflow import resolve
+
+    flow = resolve(net, NetState(phase))
+    return {v.name for n in flow.nodes if n.layer.type == "DetectionOutput" for v in n.outputs}
