@@ -62,8 +62,12 @@ def _common(p: argparse.ArgumentParser, weights: bool, seed: bool = False) -> No
         p.add_argument("--weights", help="IN.caffemodel")
         p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
     if seed:
-        p.add_argument("--seed", type=int, default=None,
-                       help="seed for new random weights (default: surgery.fillers.DEFAULT_SEED)")
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            help="seed for new random weights (default: surgery.fillers.DEFAULT_SEED)",
+        )
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -95,8 +99,7 @@ def _finish(args: argparse.Namespace, net: Any, report: Any) -> int:
     data = report.as_dict()
     data["output"] = args.output
     data["out_weights"] = out_weights
-    text = report.text() + f"\nwrote {args.output}" + (
-        f" and {out_weights}" if out_weights else "")
+    text = report.text() + f"\nwrote {args.output}" + (f" and {out_weights}" if out_weights else "")
     emit(data, text, args.json)
     return 0
 
@@ -119,8 +122,14 @@ def cmd_rename_heads(args: argparse.Namespace) -> int:
         raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
     net = _prepare(args)
     new, report = rename_heads(
-        net, num_output, layers=_split_globs(args.layer), suffix=args.suffix or "_ft",
-        rename=rename or None, rename_tops=args.rename_tops, lr_mult=lr, seed=args.seed,
+        net,
+        num_output,
+        layers=_split_globs(args.layer),
+        suffix=args.suffix or "_ft",
+        rename=rename or None,
+        rename_tops=args.rename_tops,
+        lr_mult=lr,
+        seed=args.seed,
     )
     return _finish(args, new, report)
 
@@ -132,8 +141,9 @@ def _freeze_like(args: argparse.Namespace, which: str) -> int:
         raise CliError(f"{which}: give --until LAYER or --layers GLOB ...")
     net = _prepare(args)
     fn = lr_ops.freeze if which == "freeze" else lr_ops.unfreeze
-    new, report = fn(net, until=args.until, layers=_split_globs(args.layers),
-                     except_=_split_globs(args.except_))
+    new, report = fn(
+        net, until=args.until, layers=_split_globs(args.layers), except_=_split_globs(args.except_)
+    )
     return _finish(args, new, report)
 
 
@@ -153,8 +163,13 @@ def cmd_lr(args: argparse.Namespace) -> int:
     if lr is None and decay is None:
         raise CliError("lr: give --lr-mult W[,B] and/or --decay-mult W[,B]")
     net = _prepare(args)
-    new, report = set_lr(net, _split_globs(args.layers) or [], lr_mult=lr, decay_mult=decay,
-                         except_=_split_globs(args.except_))
+    new, report = set_lr(
+        net,
+        _split_globs(args.layers) or [],
+        lr_mult=lr,
+        decay_mult=decay,
+        except_=_split_globs(args.except_),
+    )
     return _finish(args, new, report)
 
 
@@ -195,13 +210,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
     output, out_weights = where("output", args.output), where("out_weights", args.out_weights)
     net_path = args.net or where("net", None)
     weights = args.weights or where("weights", None)
+    if args.no_weights:
+        if args.weights or args.out_weights:
+            raise CliError("apply: --no-weights contradicts --weights/--out-weights")
+        weights = out_weights = None
     if output is None and out_weights is None and not args.dry_run:
-        raise CliError("apply: nothing to write; set output = \"...\" in the recipe or give -o "
-                       "(or --dry-run)")
+        raise CliError(
+            'apply: nothing to write; set output = "..." in the recipe or give -o (or --dry-run)'
+        )
     for dst, what in ((output, "output"), (out_weights, "out_weights")):
         ensure_output([net_path, weights, args.recipe], dst, args.in_place, what)
     net = None
-    if args.net is not None or args.weights is not None:
+    if args.net is not None or args.weights is not None or args.no_weights:
         from .caffe_io import load
 
         if net_path is None:
@@ -210,14 +230,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     new, report = apply_recipe(recipe, net, base_dir=base, write=False, seed=args.seed)
     if not args.dry_run:
         if out_weights is not None and not new.has_weights:
-            raise CliError("apply: out_weights is set but the net has no weights; add "
-                           "weights = \"...caffemodel\" to the recipe or give --weights")
+            raise CliError(
+                "apply: out_weights is set but the net has no weights; add "
+                'weights = "...caffemodel" to the recipe or give --weights'
+            )
         save(new, output, out_weights)
     data = report.as_dict()
     data["output"], data["out_weights"] = output, out_weights
     written = [p for p in (output, out_weights) if p]
     text = report.text() + (
-        "\ndry run: nothing written" if args.dry_run else "\nwrote " + " and ".join(written))
+        "\ndry run: nothing written" if args.dry_run else "\nwrote " + " and ".join(written)
+    )
     emit(data, text, args.json)
     return 0
 
@@ -228,33 +251,41 @@ def register(sub: Any) -> None:
     p = sub.add_parser("rename-heads", help="rename and resize classifier heads for fine-tuning")
     _common(p, weights=True, seed=True)
     p.add_argument("--num-output", required=True, help="the new number of outputs (classes)")
-    p.add_argument("--layer", action="append", metavar="NAME",
-                   help="a head to rename (name or glob; repeatable); default: found")
+    p.add_argument(
+        "--layer",
+        action="append",
+        metavar="NAME",
+        help="a head to rename (name or glob; repeatable); default: found",
+    )
     p.add_argument("--suffix", default=None, help="appended to each head's name (default _ft)")
     p.add_argument("--rename", action="append", metavar="OLD=NEW", help="explicit new names")
     p.add_argument("--rename-tops", action="store_true", help="rename the heads' top blobs too")
     p.add_argument("--lr-mult", metavar="W,B", help="the heads' lr_mult, e.g. 10,20")
     p.set_defaults(func=cmd_rename_heads, _changes_blobs=True)
 
-    for verb, fn, what in (("freeze", cmd_freeze, "lr_mult 0 / decay_mult 0 on"),
-                           ("unfreeze", cmd_unfreeze, "lr_mult 1 / decay_mult 1 back on")):
+    for verb, fn, what in (
+        ("freeze", cmd_freeze, "lr_mult 0 / decay_mult 0 on"),
+        ("unfreeze", cmd_unfreeze, "lr_mult 1 / decay_mult 1 back on"),
+    ):
         p = sub.add_parser(verb, help=f"{what} the learnable blobs of selected layers")
         _common(p, weights=False)
-        p.add_argument("--until", metavar="LAYER",
-                       help="LAYER and every layer it depends on")
+        p.add_argument("--until", metavar="LAYER", help="LAYER and every layer it depends on")
         p.add_argument("--layers", nargs="+", metavar="GLOB", help="layer names or globs")
-        p.add_argument("--except", dest="except_", nargs="+", metavar="GLOB",
-                       help="layers to leave alone")
+        p.add_argument(
+            "--except", dest="except_", nargs="+", metavar="GLOB", help="layers to leave alone"
+        )
         p.set_defaults(func=fn)
 
     p = sub.add_parser("lr", help="set lr_mult / decay_mult on selected layers")
     _common(p, weights=False)
-    p.add_argument("--layers", nargs="+", required=True, metavar="GLOB",
-                   help="layer names or globs")
+    p.add_argument(
+        "--layers", nargs="+", required=True, metavar="GLOB", help="layer names or globs"
+    )
     p.add_argument("--lr-mult", metavar="W[,B]", help="lr_mult (weight[,bias])")
     p.add_argument("--decay-mult", metavar="W[,B]", help="decay_mult (weight[,bias])")
-    p.add_argument("--except", dest="except_", nargs="+", metavar="GLOB",
-                   help="layers to leave alone")
+    p.add_argument(
+        "--except", dest="except_", nargs="+", metavar="GLOB", help="layers to leave alone"
+    )
     p.set_defaults(func=cmd_lr)
 
     p = sub.add_parser("deploy", help="train_val -> deploy definition (Input, Softmax heads)")
@@ -268,10 +299,17 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("fc-to-conv", help="InnerProduct -> equivalent Convolution")
     _common(p, weights=True)
-    p.add_argument("--layers", nargs="+", metavar="NAME",
-                   help="InnerProduct layers (names or globs, e.g. fc6,fc7,fc8); default all")
-    p.add_argument("--suffix", default="-conv", help="appended to converted layers' names "
-                   "(default -conv; '' keeps the names)")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="NAME",
+        help="InnerProduct layers (names or globs, e.g. fc6,fc7,fc8); default all",
+    )
+    p.add_argument(
+        "--suffix",
+        default="-conv",
+        help="appended to converted layers' names (default -conv; '' keeps the names)",
+    )
     p.set_defaults(func=cmd_fc_to_conv, _changes_blobs=True)
 
     p = sub.add_parser("apply", help="run the steps of a TOML recipe on one net")
@@ -280,6 +318,11 @@ def register(sub: Any) -> None:
     p.add_argument("--out-weights", help="OUT.caffemodel (overrides the recipe's out_weights)")
     p.add_argument("--net", help="NET.prototxt (overrides the recipe's net)")
     p.add_argument("--weights", help="IN.caffemodel (overrides the recipe's weights)")
+    p.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="ignore the recipe's weights and out_weights (definition only)",
+    )
     p.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
     p.add_argument("--dry-run", action="store_true", help="run the steps, write nothing")
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")

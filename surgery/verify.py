@@ -42,6 +42,7 @@ __all__ = [
     "VerifyReport",
     "verify",
     "load_inputs",
+    "net_input_shapes",
     "random_inputs",
     "compare",
 ]
@@ -131,26 +132,36 @@ class VerifyReport:
         }
 
     def table(self) -> str:
-        """The per-blob, per-backend error table and a summary line per backend."""
-        head = ("blob", "shape", "backend", "max abs", "max rel", "")
-        body = [
-            (
-                r.blob,
-                "x".join(map(str, r.shape)) or "scalar",
-                r.backend,
-                f"{r.max_abs:.3g}",
-                f"{r.max_rel:.3g}",
-                ("ok" if r.ok(self.tolerance) else "FAIL") + (f" ({r.note})" if r.note else ""),
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)) + "  "
-                 + row[5] for row in [head, *body]]
+        """One row per blob, max abs / max rel per backend; then a summary per backend."""
+        cells: dict[str, dict[str, BlobError]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for r in self.rows:
+            cells.setdefault(r.blob, {})[r.backend] = r
+            shapes.setdefault(r.blob, r.shape)
+        head = ["blob", "shape"] + [f"{b} abs / rel" for b in self.backends]
+        body = []
+        for blob, per in cells.items():
+            row = [blob, "x".join(map(str, shapes[blob])) or "scalar"]
+            for b in self.backends:
+                r = per.get(b)
+                if r is None:
+                    row.append("-")
+                    continue
+                mark = "" if r.ok(self.tolerance) else " FAIL"
+                note = f" ({r.note})" if r.note and r.note != "probed" else ""
+                row.append(f"{r.max_abs:.2e} / {r.max_rel:.2e}{mark}{note}")
+            body.append(row)
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                 for row in [head, *body]]
         lines.append("")
-        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.inputs.items())
-        lines.append(f"reference: {self.reference}; inputs: {shapes}; "
+        shapes_in = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.inputs.items())
+        lines.append(f"reference: {self.reference}; inputs: {shapes_in}; "
                      f"tolerance (max rel): {self.tolerance:g}")
+        probed = sorted({r.blob for r in self.rows if r.note == "probed"})
+        if probed:
+            lines.append(f"{len(probed)} blob(s) too large for outputs.npz compared at the "
+                         "64 positions of probes.json")
         for b in self.backends:
             worst = self.worst(b)
             n = sum(1 for r in self.rows if r.backend == b)
@@ -161,7 +172,7 @@ class VerifyReport:
             lines.append(
                 f"{b}: {n} blobs, worst {worst.max_rel:.3g} ({worst.blob}), "
                 + (f"{bad} above tolerance" if bad else "all within tolerance")
-                + (f"; {self.uncompared[b]} reference blobs not produced"
+                + (f"; {self.uncompared[b]} reference blob(s) it does not produce"
                    if self.uncompared.get(b) else "")
             )
         for b, why in self.skipped.items():
@@ -171,7 +182,8 @@ class VerifyReport:
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def _input_shapes(net: Net, phase: str) -> dict[str, tuple[int, ...] | None]:
+def net_input_shapes(net: Net, phase: str = "TEST") -> dict[str, tuple[int, ...] | None]:
+    """The net's inputs (Input tops, consumed data tops) and their inferred shapes."""
     from .export.common import plan
     from .shapes import infer
 
@@ -271,26 +283,17 @@ def _run_onnxruntime(net: Net, inputs: dict[str, np.ndarray], phase: str, files:
 
     shapes = {k: v.shape for k, v in inputs.items()}
     model = to_onnx(net, input_shapes=shapes, phase=phase, expose_blobs=True)
-    return {k: v for k, v in run_onnx(model, inputs).items() if "@" not in k}
+    return run_onnx(model, inputs)  # earlier in-place versions as <blob>@<layer>
 
 
 def _run_torch(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
                ) -> dict[str, np.ndarray]:
-    from .export import torch as texport
+    from .export.torch import run_blobs, to_torch
 
-    run_blobs = getattr(texport, "run_blobs", None)
-    if run_blobs is not None:
-        out = run_blobs(net, inputs, phase=phase)
-    else:  # pragma: no cover - older torch exporter without run_blobs
-        import torch
-
-        module = texport.to_torch(net, phase)
-        module.eval()
-        with torch.no_grad():
-            res = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-        out = res if isinstance(res, Mapping) else {}
-    return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-            for k, v in out.items()}
+    shapes = {k: v.shape for k, v in inputs.items()}
+    module = to_torch(net, phase, shapes, keep_blobs=True)
+    module.eval()  # TEST semantics (Dropout identity, global BatchNorm statistics)
+    return run_blobs(module, inputs)
 
 
 def _run_opencv(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
@@ -443,7 +446,7 @@ def verify(
     tolerance = 1e-4 if tolerance is None else float(tolerance)
     if tolerance < 0 or math.isnan(tolerance):
         raise SurgeryError(f"tolerance must be >= 0, got {tolerance}")
-    shapes = _input_shapes(net, phase)
+    shapes = net_input_shapes(net, phase)
     if inputs is None:
         feed = random_inputs(shapes, seed)
     else:
@@ -480,6 +483,7 @@ def verify(
     report.backends = list(results)
     order = _blob_order(net, phase)
     det = _detection_blobs(net, phase)
+    splits = _split_names(net, phase)
     ref_names = [n for n in order if n in ref_blobs or n in probes]
     ref_names += sorted((set(ref_blobs) | set(probes)) - set(ref_names) - set(feed))
     for b, got in results.items():
@@ -487,15 +491,18 @@ def verify(
         for name in ref_names:
             if name in feed:
                 continue
-            if name not in got:
+            key = splits.get(name, name)
+            if key not in got and key.split("@")[0] in got and _is_latest(net, phase, key):
+                key = key.split("@")[0]
+            if key not in got:
                 report.uncompared[b] += 1
                 continue
             if name in ref_blobs:
                 want = ref_blobs[name]
-                diff, rel, note = compare(got[name], want, as_set=name in det)
+                diff, rel, note = compare(got[key], want, as_set=name in det)
                 shape = tuple(want.shape)
             else:
-                diff, rel, note = _compare_probes(got[name], probes[name])
+                diff, rel, note = _compare_probes(got[key], probes[name])
                 shape = tuple(probes[name]["shape"])
             report.rows.append(BlobError(name, b, shape, diff, rel, note))
     return report
@@ -512,3 +519,31 @@ def _detection_blobs(net: Net, phase: str) -> set[str]:
 
     flow = resolve(net, NetState(phase))
     return {v.name for n in flow.nodes if n.layer.type == "DetectionOutput" for v in n.outputs}
+
+
+def _split_names(net: Net, phase: str) -> dict[str, str]:
+    """Caffe's inserted split blobs (``<blob>_<layer>_<top>_split_<i>``) -> ``<blob>@<layer>``.
+
+    A split copies the version of ``<blob>`` that ``<layer>`` wrote; it is looked up under the
+    plain blob name when that version is the last one.
+    """
+    from .dataflow import resolve
+
+    out: dict[str, str] = {}
+    for node in resolve(net, NetState(phase)).nodes:
+        for v in node.outputs:
+            for i in range(16):
+                out[f"{v.name}_{node.layer.name}_{v.top_index}_split_{i}"] = (
+                    f"{v.name}@{node.layer.name}")
+    return out
+
+
+def _is_latest(net: Net, phase: str, key: str) -> bool:
+    from .dataflow import resolve
+
+    blob, _, layer = key.partition("@")
+    flow = resolve(net, NetState(phase))
+    try:
+        return flow.latest(blob).producer.layer.name == layer
+    except SurgeryError:
+        return False

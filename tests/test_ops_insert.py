@@ -21,7 +21,8 @@ from .conftest import GOLDEN, MODELS, ZOO
 
 TINY = """
 name: "tiny"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
 layer { name: "a" type: "Convolution" bottom: "data" top: "a"
         convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "xavier" } } }
 layer { name: "relu_a" type: "ReLU" bottom: "a" top: "a" }
@@ -127,7 +128,8 @@ def test_issue_example_mask_times_features(tmp_path):
     # the 1x1x256x256 x 1x32x256x256 case from the issue
     p = tmp_path / "att.prototxt"
     p.write_text("""
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 256 dim: 256 } } }
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 3 dim: 256 dim: 256 } } }
 layer { name: "feat" type: "Convolution" bottom: "data" top: "feat"
         convolution_param { num_output: 32 kernel_size: 3 pad: 1 } }
 layer { name: "mask" type: "Convolution" bottom: "data" top: "mask"
@@ -225,8 +227,9 @@ def test_gate_weights_random_and_identity(tiny, tmp_path):
         if lay.type == "Convolution":
             from surgery.net import Param
 
-            c_out = lay.attrs["num_output"]
-            lay.params = [Param(data=np.asarray(rng.normal(size=(c_out, 3, 1, 1)), np.float32)),
+            c_out, c_in = lay.attrs["num_output"], 4 if lay.name == "c" else 3
+            w = rng.normal(size=(c_out, c_in, 1, 1)).astype(np.float32)
+            lay.params = [Param(data=w),
                           Param(data=np.zeros(c_out, np.float32))]
     arrays = {lay.name: [p.data for p in lay.params] for lay in tiny.layers}
     new, rep = insert_gate(tiny, "b", seed=7)
@@ -324,7 +327,7 @@ def test_identity_gate_keeps_golden_outputs(golden, at, tmp_path):
     net = caffe_io.load(d / "net.prototxt", d / meta["weights"])
     inputs = dict(np.load(d / "input.npz"))
     want = np.load(d / "outputs.npz")
-    # channels='same': OpenCV runs it (no Tile); channels=1 is checked in float32 above
+    # channels='same': OpenCV runs it (no Tile); channels=1 runs through the torch export below
     ident, _ = insert_gate(net, at, channels="same", init="identity")
     got = _opencv(ident, tmp_path, inputs, meta["outputs"])
     for name in meta["outputs"]:
@@ -347,3 +350,53 @@ def test_identity_gate_channels_1_structure_on_golden(tmp_path):
     for lay in net.layers:  # pretrained layers: the same arrays
         for p, q in zip(lay.params, new.layer(lay.name).params, strict=True):
             assert p.data is q.data
+
+
+def test_bottoms_in_one_phase_get_an_include_rule(tmp_path):
+    p = tmp_path / "ph.prototxt"
+    p.write_text("""
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "t" type: "ReLU" bottom: "data" top: "t" include { phase: TEST } }
+layer { name: "u" type: "Sigmoid" bottom: "t" top: "u" include { phase: TEST } }
+layer { name: "v" type: "TanH" bottom: "data" top: "v" }
+layer { name: "w" type: "TanH" bottom: "t" top: "w" include { phase: TEST } }
+""")
+    new, rep = insert_eltwise(caffe_io.load(p), ("t", "v"))
+    elt = new.layer("t_prod")
+    assert [r.phase for r in elt.include] == ["TEST"] and rep.data["phases"] == ["TEST"]
+    assert new.layer("u").bottoms == ["t"] and new.layer("w").bottoms == ["t_prod"]
+    _roundtrip(new, tmp_path)
+
+
+TORCH_CASES = [  # (golden, at, also check that a random gate changes the outputs)
+    ("lenet", "conv1", True),
+    ("lenet", "ip1", True),
+    ("squeezenet_v1_1", "fire3/concat", True),
+    ("googlenet", "inception_4a/output", False),  # ~4 s a forward pass on 2 CPUs
+]
+
+
+@pytest.mark.parametrize(("golden", "at", "random_too"), TORCH_CASES)
+def test_identity_gate_channels_1_through_torch(golden, at, random_too):
+    # channels=1 needs Tile, which OpenCV 4.x cannot import from Caffe: the torch exporter runs it
+    pytest.importorskip("torch", reason="the torch extra (surgery.export.to_torch)")
+    from surgery.export import run_blobs, to_torch
+
+    d = GOLDEN / golden
+    meta = json.loads((d / "meta.json").read_text())
+    net = caffe_io.load(d / "net.prototxt", d / meta["weights"])
+    inputs = dict(np.load(d / "input.npz"))
+    want = np.load(d / "outputs.npz")
+    shapes = {k: v.shape for k, v in inputs.items()}
+
+    def run(n):
+        got = run_blobs(to_torch(n, input_shapes=shapes), inputs)
+        return max(_rel(got[o], want[o]) for o in meta["outputs"])
+
+    ident, _ = insert_gate(net, at, init="identity")
+    assert ident.layer(f"{at}_gate_tile").type == "Tile"
+    assert run(ident) <= meta["tolerance"]
+    if random_too:
+        rand, _ = insert_gate(net, at, init="random", seed=4)
+        assert run(rand) > 100 * meta["tolerance"]

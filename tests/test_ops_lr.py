@@ -55,15 +55,22 @@ def roundtrip(net: surgery.Net, tmp: Path) -> surgery.Net:
     return back
 
 
-def test_freeze_until_keeps_auxiliary_heads_trainable(googlenet: surgery.Net,
-                                                      tmp_path: Path) -> None:
+def test_freeze_until_keeps_auxiliary_heads_trainable(
+    googlenet: surgery.Net, tmp_path: Path
+) -> None:
     out, rep = freeze(googlenet, until="inception_4e/output")
     m = rep.data["multipliers"]
     for name in ("conv1/7x7_s2", "conv2/3x3", "inception_3a/1x1", "inception_4e/pool_proj"):
         assert m[name]["lr_mult"] == [0, 0] and m[name]["decay_mult"] == [0, 0], name
         assert m[name]["frozen"]
-    for name in ("loss1/conv", "loss1/fc", "loss1/classifier", "loss2/classifier",
-                 "inception_5a/1x1", "loss3/classifier"):
+    for name in (
+        "loss1/conv",
+        "loss1/fc",
+        "loss1/classifier",
+        "loss2/classifier",
+        "inception_5a/1x1",
+        "loss3/classifier",
+    ):
         assert not m[name]["frozen"], name
     assert m["loss3/classifier"]["lr_mult"] == [1, 2]  # as written, untouched
     # every learnable layer is listed

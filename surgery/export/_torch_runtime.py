@@ -229,7 +229,7 @@ class CaffeInnerProduct(nn.Module):
 def caffe_eltwise_sum(xs: list[torch.Tensor], coeffs: list[float]) -> torch.Tensor:
     """Eltwise SUM with coefficients, accumulated in bottom order as Caffe does."""
     y = xs[0] if coeffs[0] == 1.0 else xs[0] * coeffs[0]
-    for x, c in zip(xs[1:], coeffs[1:]):
+    for x, c in zip(xs[1:], coeffs[1:], strict=True):
         y = y + x if c == 1.0 else y + x * c
     return y
 
@@ -369,7 +369,8 @@ def caffe_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> 
 
 
 # -- losses -----------------------------------------------------------------------------------
-def caffe_normalizer(mode: str, outer: int, inner: int, valid: torch.Tensor | int) -> torch.Tensor | float:
+def caffe_normalizer(mode: str, outer: int, inner: int,
+                     valid: torch.Tensor | int) -> torch.Tensor | float:
     if mode == "FULL":
         return float(outer * inner)
     if mode == "VALID":
@@ -418,6 +419,6 @@ def caffe_sigmoid_ce_loss(x: torch.Tensor, target: torch.Tensor, ignore_label: i
 
 def caffe_weighted_sum(losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     total = losses[0] * weights[0]
-    for x, w in zip(losses[1:], weights[1:]):
+    for x, w in zip(losses[1:], weights[1:], strict=True):
         total = total + x * w
     return total

@@ -68,7 +68,9 @@ __all__ = [
     "prior_boxes",
     "detection_output_facts",
     "loss_weights",
+    "loss_facts",
     "phase_of",
+    "clean_float",
     "py_identifier",
     "Dropped",
     "ExportPlan",
@@ -96,6 +98,11 @@ def _floats(v: Any) -> list[float]:
     if isinstance(v, (list, tuple)):
         return [float(x) for x in v]
     return [float(v)]
+
+
+def clean_float(v: float) -> float:
+    """A float32 proto value as the decimal the file wrote (0.30000001192 -> 0.3)."""
+    return float(f"{float(v):.7g}")
 
 
 def phase_of(phase: str | NetState) -> NetState:
@@ -381,7 +388,7 @@ def batch_norm_facts(layer: Layer) -> BatchNormFacts:
         factor=factor,
         eps=float(attr(layer, "eps", 1e-5)),
         use_global_stats=None if ugs is None else bool(ugs),
-        momentum=1.0 - float(attr(layer, "moving_average_fraction", 0.999)),
+        momentum=1.0 - clean_float(attr(layer, "moving_average_fraction", 0.999)),
     )
 
 
@@ -566,11 +573,28 @@ def detection_output_facts(layer: Layer) -> dict[str, Any]:
 
 
 # -- training heads ---------------------------------------------------------------------------
+def loss_facts(layer: Layer) -> tuple[int | None, str]:
+    """``(ignore_label, normalization)`` of a loss layer's ``loss_param``.
+
+    Caffe's rule: ``normalization`` when written; else the legacy ``normalize`` bool (true:
+    VALID, false: BATCH_SIZE); else VALID for SoftmaxWithLoss and BATCH_SIZE otherwise.
+    """
+    lp = layer.extra.get("loss_param", {}) or {}
+    ignore = lp.get("ignore_label")
+    if "normalization" in lp:
+        norm = str(lp["normalization"])
+    elif "normalize" in lp:
+        norm = "VALID" if lp["normalize"] else "BATCH_SIZE"
+    else:
+        norm = "VALID" if layer.type == "SoftmaxWithLoss" else "BATCH_SIZE"
+    return (None if ignore is None else int(ignore)), norm
+
+
 def loss_weights(layer: Layer) -> list[float]:
     """The ``loss_weight`` per top (Caffe: 1 for the first top of a loss layer, else 0)."""
     lw = layer.extra.get("loss_weight")
     if lw is not None:
-        vals = _floats(lw)
+        vals = [clean_float(x) for x in _floats(lw)]
         return vals + [0.0] * (len(layer.tops) - len(vals))
     if is_loss(layer):
         return [1.0] + [0.0] * (len(layer.tops) - 1)
@@ -581,11 +605,12 @@ def loss_weights(layer: Layer) -> list[float]:
 def py_identifier(name: str, taken: Collection[str] = (), prefix: str = "l_") -> str:
     """A safe, readable Python identifier for a Caffe name, not in ``taken``.
 
-    Non-identifier characters become ``_`` (unicode letters are NFKC-normalized, others
-    dropped to ASCII), a leading digit or a keyword gets ``prefix``, dunder-looking names are
+    Non-identifier characters become ``_`` (accents are stripped, other non-ASCII
+    characters replaced), a leading digit or a keyword gets ``prefix``, dunder-looking names are
     defused, and a numeric suffix dedupes.
     """
-    text = unicodedata.normalize("NFKC", name)
+    text = unicodedata.normalize("NFKD", name)  # "ü" -> "u" + combining mark, dropped below
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
     text = re.sub(r"[^0-9A-Za-z_]", "_", text.encode("ascii", "replace").decode("ascii"))
     text = re.sub(r"_+", "_", text).strip("_") or "blob"
     if text[0].isdigit() or keyword.iskeyword(text) or keyword.issoftkeyword(text):
@@ -732,7 +757,8 @@ def plan(
         listed = ", ".join(f"{n.layer.name!r} ({n.layer.type})" for n in unsupported)
         types = sorted({n.layer.type for n in unsupported})
         raise UnsupportedLayerError(
-            f"{len(unsupported)} layer(s) cannot be exported{' from ' + net.source if net.source else ''}"
+            f"{len(unsupported)} layer(s) cannot be exported"
+            f"{' from ' + net.source if net.source else ''}"
             f" in {state.phase}: {listed}. Unsupported type(s): {', '.join(types)}. Remove or "
             "replace these layers (surgery ops), or export the part of the net before them."
         )

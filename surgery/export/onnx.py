@@ -49,6 +49,7 @@ from .common import (
     PoolGeometry,
     batch_norm_facts,
     conv_geometry,
+    loss_facts,
     lrn_facts,
     plan,
     pool_ave_divisor,
@@ -70,6 +71,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
 ]
 
+FLT_MIN = 1.1754943508222875e-38  # Caffe clamps probabilities to it before the log
 MIN_OPSET = 13  # Softmax over one axis (Caffe's meaning) needs 13
 MAX_OPSET = 21  # the newest opset every onnxruntime >= 1.20 runs
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
@@ -149,7 +151,7 @@ class _Graph:
     def const(self, what: str, array: Any, dtype: Any = np.float32) -> str:
         """An initializer named ``<layer>/<what>``."""
         name = self.tmp(what)
-        arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        arr = np.array(array, dtype=dtype, order="C")  # keeps 0-d (ascontiguousarray would not)
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
@@ -265,13 +267,6 @@ def ave_pool_correction(geom: PoolGeometry, in_hw: Sequence[int]) -> np.ndarray 
 
 
 # -- lowerings ---------------------------------------------------------------------------------
-def _net_input(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    raise AssertionError("graph inputs are created by the exporter")  # pragma: no cover
-
-
-lowering("Input")(_net_input)
-
-
 def _check_conv(g: _Graph, node: Node) -> str | None:
     if int(attr(node.layer, "axis", 1)) != 1:
         return "axis other than 1"
@@ -279,10 +274,14 @@ def _check_conv(g: _Graph, node: Node) -> str | None:
 
 
 def _conv_attrs(g: _Graph, node: Node) -> dict[str, Any]:
-    geom = conv_geometry(node.layer, len(g.bottom_shape(node)) - 2)
+    shape = g.bottom_shape(node)
+    geom = conv_geometry(node.layer, len(shape) - 2)
+    group = geom.group
+    weight = g.info.params(node)[0]
+    if node.layer.type != "Deconvolution":  # depthwise forks: the group is in the weight shape
+        group = shape[1] // weight[1]
     return {"kernel_shape": list(geom.kernel), "pads": list(geom.pad) * 2,
-            "strides": list(geom.stride), "dilations": list(geom.dilation),
-            "group": geom.group}
+            "strides": list(geom.stride), "dilations": list(geom.dilation), "group": group}
 
 
 def _conv_inputs(g: _Graph, node: Node) -> list[str]:
@@ -290,7 +289,7 @@ def _conv_inputs(g: _Graph, node: Node) -> list[str]:
     return [g.weight(node, 0)] + ([g.weight(node, 1)] if bias else [])
 
 
-@lowering("Convolution", check=_check_conv)
+@lowering("Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", check=_check_conv)
 def _convolution(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
     params, attrs = _conv_inputs(g, node), _conv_attrs(g, node)
     for x, y in zip(xs, ys, strict=True):  # Caffe convolves every bottom with the same weights
@@ -667,9 +666,7 @@ def _reshape(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
             raise SurgeryError(f"layer {lay.name!r}: a Reshape that rewrites the batch axis "
                                "cannot have a dynamic batch; export without --dynamic-batch")
     else:
-        target = [0] * axis + dims + list(shape[end:])
-        if -1 in dims:  # keep -1 (inferred); trailing dims are static anyway
-            pass
+        target = [0] * axis + dims + list(shape[end:])  # 0 copies, -1 infers: as in Caffe
     g.reshape(xs[0], target, ys[0])
 
 
@@ -729,13 +726,15 @@ def _argmax(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
         else:
             g.op("Cast", [indices], ys[0], to=TensorProto.FLOAT)
         return
+    # no axis: per item, the top_k over everything; top shape (N, 1 or 2, top_k, 1...)
+    one = [0, 1, top_k] + [1] * (len(g.top_shape(node)) - 3)
     flat = g.op("Flatten", [xs[0]], axis=1)
     values, indices = g.op("TopK", [flat, k], None, n_out=2, axis=1)
-    idx = g.reshape(g.op("Cast", [indices], to=TensorProto.FLOAT), [0, 1, top_k])
+    idx = g.op("Cast", [indices], to=TensorProto.FLOAT)
     if out_max:
-        g.op("Concat", [idx, g.reshape(values, [0, 1, top_k])], ys[0], axis=1)
+        g.op("Concat", [g.reshape(idx, one), g.reshape(values, one)], ys[0], axis=1)
     else:
-        g.identity(idx, ys[0])
+        g.reshape(idx, one, ys[0])
 
 
 _REDUCE = {"SUM": "ReduceSum", "ASUM": "ReduceL1", "SUMSQ": "ReduceSumSquare",
@@ -821,6 +820,69 @@ def _upsample(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
     scales = [1.0, 1.0, top[2] / shape[2], top[3] / shape[3]]
     g.op("Resize", [xs[0], "", g.const("scales", scales)], ys[0], mode="nearest",
          coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+def _normalized(g: _Graph, node: Node, total: str, keep: str | None, outer: int, inner: int,
+                y: str) -> None:
+    """Divide a summed loss by Caffe's normalizer (VALID counts the kept labels, at least 1)."""
+    _, mode = loss_facts(node.layer)
+    if mode == "VALID" and keep is not None:
+        count = g.op("ReduceSum", [keep], keepdims=0)
+        count = g.op("Max", [count, g.const("one", 1.0)])
+        g.op("Div", [total, count], y)
+        return
+    norm = {"FULL": outer * inner, "VALID": outer * inner, "BATCH_SIZE": outer}.get(mode, 1)
+    g.op("Div", [total, g.const("normalizer", float(norm))], y)
+
+
+def _ignore_mask(g: _Graph, label: str, ignore: int | None) -> str | None:
+    if ignore is None:
+        return None
+    same = g.op("Equal", [label, g.const("ignore_label", float(ignore))])
+    return g.op("Cast", [g.op("Not", [same])], to=TensorProto.FLOAT)
+
+
+@lowering("SoftmaxWithLoss")
+def _softmax_loss(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape = g.bottom_shape(node)
+    axis = _axis(int(attr(node.layer, "axis", 1)), len(shape))
+    ignore, _ = loss_facts(node.layer)
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    logp = g.op("LogSoftmax", [g.reshape(xs[0], [outer, shape[axis], inner])], axis=1)
+    logp = g.op("Max", [logp, g.const("log_flt_min", math.log(FLT_MIN))])
+    label = g.reshape(xs[1], [outer, 1, inner])
+    keep = _ignore_mask(g, label, ignore)
+    index = label if keep is None else g.op("Mul", [label, keep])
+    picked = g.op("GatherElements", [logp, g.op("Cast", [index], to=TensorProto.INT64)],
+                  axis=1)
+    if keep is not None:
+        picked = g.op("Mul", [picked, keep])
+    total = g.op("Neg", [g.op("ReduceSum", [picked], keepdims=0)])
+    _normalized(g, node, total, keep, outer, inner, ys[0])
+    if len(ys) > 1:
+        g.op("Softmax", [xs[0]], ys[1], axis=axis)
+
+
+@lowering("EuclideanLoss")
+def _euclidean_loss(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    n = g.bottom_shape(node)[0]
+    d = g.op("Sub", [xs[0], g.reshape(xs[1], list(g.bottom_shape(node)))])
+    total = g.op("ReduceSum", [g.op("Mul", [d, d])], keepdims=0)
+    g.op("Div", [total, g.const("two_n", 2.0 * n)], ys[0])
+
+
+@lowering("SigmoidCrossEntropyLoss")
+def _sigmoid_ce_loss(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape = g.bottom_shape(node)
+    ignore, _ = loss_facts(node.layer)
+    t = g.reshape(xs[1], list(shape))
+    # softplus(x) - x*t == the stable form Caffe writes out
+    per = g.op("Sub", [g.op("Softplus", [xs[0]]), g.op("Mul", [xs[0], t])])
+    keep = _ignore_mask(g, t, ignore)
+    if keep is not None:
+        per = g.op("Mul", [per, keep])
+    total = g.op("ReduceSum", [per], keepdims=0)
+    _normalized(g, node, total, keep, shape[0], math.prod(shape[1:]), ys[0])
 
 
 # -- the exporter ------------------------------------------------------------------------------
@@ -978,7 +1040,8 @@ def to_onnx(
         dynamic_batch: make axis 0 of the inputs and outputs symbolic (``N``).
         fold_bn: fold BatchNorm (+ Scale) into the Convolution before it.
         input_shapes: shapes of the inputs by blob name, overriding the Input layers'.
-        phase: ``"TEST"`` (default) or ``"TRAIN"`` (loss layers are dropped either way).
+        phase: ``"TEST"`` (default) or ``"TRAIN"`` (loss layers are then lowered and their
+            tops become outputs).
         expose_blobs: also make every blob a graph output, to compare every intermediate
             with Caffe (earlier in-place versions as ``<blob>@<layer>``).
 
@@ -997,7 +1060,7 @@ def to_onnx(
                            "(Caffe's Softmax axis needs 13 or later)")
     shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     p = plan(net, phase, supported=supported_types(), input_shapes=shapes,
-             lower_detection_output=False, lower_losses=False, infer_shapes=False)
+             lower_detection_output=False, infer_shapes=False)
     info = infer(p.flow, shapes)  # checks the weights' shapes too
     g = _Graph(p.flow, info, opset, dynamic_batch)
     for v in p.inputs:
@@ -1026,9 +1089,14 @@ def to_onnx(
                 if tensor(v) not in taken and id(node) not in fold.folded:
                     outputs.append(v)
                     taken.add(tensor(v))
+    batched = {id(v) for v in p.inputs}  # values carrying the batch axis (not PriorBox's)
+    for node in p.nodes:
+        if node.layer.type != "PriorBox" and any(id(v) in batched for v in node.inputs):
+            batched.update(id(v) for v in node.outputs)
     out_infos: dict[str, onnx.ValueInfoProto] = {}
     for v in outputs:
-        out_infos.setdefault(tensor(v), _value_info(tensor(v), info.shape(v), dynamic_batch))
+        out_infos.setdefault(tensor(v), _value_info(tensor(v), info.shape(v),
+                                                    dynamic_batch and id(v) in batched))
     graph = helper.make_graph(
         g.nodes,
         net.name or "caffe_net",
@@ -1054,42 +1122,44 @@ def save_onnx(
     phase: str = "TEST",
     external_threshold: int | None = None,
 ) -> onnx.ModelProto:
-    """Export ``net`` and write it to ``path`` atomically (temp file + rename).
+    """Export ``net``, check the model fully and write it to ``path`` atomically.
 
-    Models larger than ``external_threshold`` (default: just under protobuf's 2 GiB limit)
-    keep their initializers in ``<path>.data`` next to the model.
+    A model whose initializers exceed ``external_threshold`` bytes (default: just under
+    protobuf's 2 GiB message limit) keeps them in ``<path>.data`` beside it (ONNX external
+    data). The model file appears only once everything is written and checked.
 
     Returns:
-        The model written (initializers stripped when they went to external data).
+        The model (its initializers point to the external file when one was written).
 
     Raises:
-        the errors of :func:`to_onnx`; SurgeryError when the file cannot be written.
+        the errors of :func:`to_onnx`; SurgeryError when the file cannot be written or the
+        checker refuses the model.
     """
     model = to_onnx(net, opset, dynamic_batch, fold_bn, input_shapes, phase=phase)
-    onnx.checker.check_model(model, full_check=True)
     limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     out = Path(path)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
+    external = sum(t.ByteSize() for t in model.graph.initializer) > limit
     tmp = out.with_name(f".{out.name}.tmp")
-    data_name = out.name + ".data"
-    tmp_data = out.with_name(data_name)
+    data = out.with_name(out.name + ".data")
     try:
-        if size > limit:
-            if tmp_data.exists():
-                tmp_data.unlink()
+        if external:
+            if data.exists():
+                data.unlink()  # save_model appends to an existing file
             onnx.save_model(model, str(tmp), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
+                            all_tensors_to_one_file=True, location=data.name, size_threshold=0)
+            onnx.checker.check_model(str(tmp), full_check=True)
         else:
+            onnx.checker.check_model(model, full_check=True)
             onnx.save_model(model, str(tmp))
         os.replace(tmp, out)
-    except OSError as exc:
-        for p in (tmp, tmp_data if size > limit else None):
-            if p is not None and p.exists():
-                p.unlink()
-        raise SurgeryError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException as exc:
+        for leftover in (tmp, data if external else None):
+            if leftover is not None and leftover.exists():
+                leftover.unlink()
+        if isinstance(exc, OSError):
+            raise SurgeryError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        if isinstance(exc, onnx.checker.ValidationError):
+            raise SurgeryError(f"{path}: the ONNX checker refused the export: {exc}") from None
         raise
     return model
 

@@ -164,8 +164,8 @@ class LoweringContext:
             setattr(module, attr_name, p)
             if share:
                 self.shared[share] = p
-        lr_mult = spec.effective_lr_mult if spec is not None else 1.0
-        decay_mult = spec.effective_decay_mult if spec is not None else 1.0
+        lr_mult = common.clean_float(spec.effective_lr_mult) if spec is not None else 1.0
+        decay_mult = common.clean_float(spec.effective_decay_mult) if spec is not None else 1.0
         getattr(module, attr_name).requires_grad_(lr_mult != 0.0)
         self.lr[key] = (lr_mult, decay_mult)
         entry: dict[str, Any] = {"layer": node.layer.name, "blob": index}
@@ -221,8 +221,10 @@ def _conv_like(ctx: LoweringContext, node: Node, xs: list[fx.Node], deconv: bool
     table = _DECONV if deconv else _CONV
     if g.num_spatial not in table:
         raise UnsupportedLayerError(f"layer {node.layer.name!r}: {g.num_spatial} spatial axes")
+    # On the meta device: no random init of tensors the Caffe blobs replace at once.
     mod = table[g.num_spatial](cin, g.num_output, g.kernel, stride=g.stride, padding=g.pad,
-                               dilation=g.dilation, groups=g.group, bias=g.bias_term)
+                               dilation=g.dilation, groups=g.group, bias=g.bias_term,
+                               device="meta")
     name = ctx.add_module(node, mod)
     wshape = tuple(mod.weight.shape)  # torch layouts equal Caffe's for both kinds
     ctx.set_param(node, name, "weight", 0, ctx.blob(node, 0, wshape))
@@ -252,7 +254,8 @@ def _inner_product(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[
     n = int(attr(node.layer, "num_output", 0))
     bias = bool(attr(node.layer, "bias_term", True))
     transpose = bool(attr(node.layer, "transpose", False))
-    mod: nn.Module = rt.CaffeInnerProduct(k, n, bias) if transpose else nn.Linear(k, n, bias)
+    mod: nn.Module = (rt.CaffeInnerProduct(k, n, bias) if transpose
+                      else nn.Linear(k, n, bias, device="meta"))
     name = ctx.add_module(node, mod)
     ctx.set_param(node, name, "weight", 0, ctx.blob(node, 0, (k, n) if transpose else (n, k)))
     if bias:
@@ -386,8 +389,9 @@ def _batch_norm(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.
     assert var is not None
     mod = rt.CaffeBatchNorm(len(mean), f.eps, f.momentum, f.use_global_stats)
     name = ctx.add_module(node, mod)
-    ctx.set_buffer(node, name, "running_mean", 0, torch.from_numpy(mean.copy()), "divided by blob 2")
-    ctx.set_buffer(node, name, "running_var", 1, torch.from_numpy(var.copy()), "divided by blob 2")
+    how = "divided by blob 2"
+    ctx.set_buffer(node, name, "running_mean", 0, torch.from_numpy(mean.copy()), how)
+    ctx.set_buffer(node, name, "running_var", 1, torch.from_numpy(var.copy()), how)
     return [ctx.call_module(name, [xs[0]])]
 
 
@@ -653,6 +657,14 @@ def _check_weights(plan: common.ExportPlan) -> None:
         )
 
 
+def _blob_key(plan: common.ExportPlan, value: Value) -> str:
+    """The blob name for the last version of a name (Caffe's view after a forward pass),
+    ``<blob>@<layer>`` for earlier in-place versions."""
+    if plan.flow.latest(value.name) is value:
+        return value.name
+    return f"{value.name}@{value.producer.layer.name}"
+
+
 def to_torch(
     net: Net,
     phase: str | NetState = "test",
@@ -671,7 +683,8 @@ def to_torch(
             loss layers are lowered and the total weighted loss is returned.
         input_shapes: shapes by input (top) name; default: the ``Input`` layers' shapes. Needed
             for layers whose parameters depend on the input size and for PriorBox.
-        keep_blobs: return every blob (last version of each name) in a dict.
+        keep_blobs: return every blob in a dict: the last version of each name under the
+            name (Caffe's in-place view), earlier in-place versions as ``<blob>@<layer>``.
         missing: ``"error"`` (default) raises one error naming every layer without weights;
             ``"fill"`` initialises them from their fillers with ``seed`` (Caffe's rules).
         seed: the seed for ``missing='fill'``.
@@ -725,7 +738,7 @@ def to_torch(
             result[v.name] = env[id(v)]
         for node in plan.nodes:
             for v in node.outputs:
-                result[v.name] = env[id(v)]  # later versions overwrite: Caffe's in-place view
+                result[_blob_key(plan, v)] = env[id(v)]
     for v in plan.outputs:
         result[v.name] = env[id(v)]
     loss_weights = {v.name: w for v, w in plan.losses}
@@ -780,7 +793,9 @@ def run_blobs(
     return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
 
 
-def param_groups(model: nn.Module, base_lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, base_lr: float, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
     """Optimizer parameter groups with Caffe's multipliers.
 
     One group per ``(lr_mult, decay_mult)`` pair with ``lr = base_lr * lr_mult`` and
@@ -985,13 +1000,18 @@ def generate_source(gm: fx.GraphModule, class_name: str = "CaffeNet") -> str:
         "",
         f"INPUT_NAMES = {_lit(list(getattr(gm, 'input_names', [])))}",
         f"OUTPUT_NAMES = {_lit(list(getattr(gm, 'output_names', [])))}",
-        f"LOSS_WEIGHTS = {{{', '.join(f'{k!r}: {_lit(float(v))}' for k, v in getattr(gm, 'loss_weights', {}).items())}}}",
+        "LOSS_WEIGHTS = {"
+        + ", ".join(f"{k!r}: {_lit(float(v))}" for k, v in getattr(gm, "loss_weights", {}).items())
+        + "}",
         "",
         "",
         f"class {class_name}(nn.Module):",
         '    """The exported Caffe net; ``forward`` mirrors the Caffe layers in order."""',
         "",
-        f"    CAFFE_LR = {{{', '.join(f'{k!r}: {_lit(v)}' for k, v in lr.items())}}}",
+        "    # parameter -> (lr_mult, decay_mult), from the Caffe param { } specs",
+        "    CAFFE_LR = {",
+        *[f"        {k!r}: {_lit(v)}," for k, v in lr.items()],
+        "    }",
         f"    CAFFE_PHASE = {getattr(gm, 'caffe_phase', 'TEST')!r}",
         "",
         "    def __init__(self) -> None:",
@@ -1013,7 +1033,7 @@ def generate_source(gm: fx.GraphModule, class_name: str = "CaffeNet") -> str:
         "",
         "",
         "def param_groups(model: nn.Module, base_lr: float, weight_decay: float = 0.0) -> list:",
-        '    """Optimizer groups with lr * lr_mult and weight_decay * decay_mult (frozen left out)."""',
+        '    """Optimizer groups: lr * lr_mult, weight_decay * decay_mult; frozen left out."""',
         "    inner = getattr(model, '_orig_mod', model)",
         "    groups = {}",
         "    for name, p in inner.named_parameters():",

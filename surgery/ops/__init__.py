@@ -32,5 +32,9 @@ __all__ = ["Report", *_WHERE]
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        # cache it: importing a submodule binds its name here (ops.transplant the module would
+        # shadow ops.transplant the function)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'surgery.ops' has no attribute {name!r}")

@@ -340,10 +340,14 @@ def fill_missing_weights(net: Net, rng: np.random.Generator) -> list[str]:
     Raises:
         NetError: shapes cannot be inferred for one of them.
     """
-    names = list(dict.fromkeys(
-        lay.name for lay in net.layers
-        if learnable_count(lay) > 0 and not any(t.has_weights for t in net.layers_named(lay.name))
-    ))
+    names = list(
+        dict.fromkeys(
+            lay.name
+            for lay in net.layers
+            if learnable_count(lay) > 0
+            and not any(t.has_weights for t in net.layers_named(lay.name))
+        )
+    )
     if names:
         fill_new_weights(net, names, rng)
     return names
@@ -482,12 +486,12 @@ def match_globs(
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
             where = f" in {net.source}" if net.source else ""
-            noun = "glob" if any(c in pat for c in "*?[") else "layer"
-            raise LayerNotFoundError(
-                f"{what}: {noun} {pat!r} matches no "
-                f"{kind + ' ' if kind else ''}layer{where}"
-                + did_you_mean(pat, names)
-            )
+            kinds = f"{kind} " if kind else ""
+            if any(c in pat for c in "*?["):
+                msg = f"{what}: glob {pat!r} matches no {kinds}layer{where}"
+            else:
+                msg = f"{what}: no {kinds}layer named {pat!r}{where}"
+            raise LayerNotFoundError(msg + did_you_mean(pat, names))
         chosen.update(hits)
     return [n for n in names if n in chosen]
 

@@ -99,20 +99,36 @@ def to_deploy(
     elif input_shape is not None:
         one_shape = _shape_arg(input_shape)
 
-    test = Net(net.name, [lay for lay in net.layers if lay.is_included(state)], dict(net.extra),
-               net.source, list(net.upgrades), net.weights_source)
+    test = Net(
+        net.name,
+        [lay for lay in net.layers if lay.is_included(state)],
+        dict(net.extra),
+        net.source,
+        list(net.upgrades),
+        net.weights_source,
+    )
     dropped_phase = [lay.name for lay in net.layers if not lay.is_included(state)]
     if dropped_phase:  # rule 1
-        report.change(None, f"dropped {len(dropped_phase)} layer(s) not in the TEST net: "
-                      + ", ".join(dropped_phase), layers=dropped_phase)
+        report.change(
+            None,
+            f"dropped {len(dropped_phase)} layer(s) not in the TEST net: "
+            + ", ".join(dropped_phase),
+            layers=dropped_phase,
+        )
     flow = C.flows(test, strict=False).get("TEST")
     if flow is None:
         C.flows(test, strict=True)  # raises the TEST error
         raise NetError("the TEST net does not resolve")  # pragma: no cover
     guessed = C.guess_input_shapes(flow)
 
-    out = Net(net.name, [], {k: v for k, v in net.extra.items() if k != "state"}, net.source,
-              list(net.upgrades), net.weights_source)
+    out = Net(
+        net.name,
+        [],
+        {k: v for k, v in net.extra.items() if k != "state"},
+        net.source,
+        list(net.upgrades),
+        net.weights_source,
+    )
     if "state" in net.extra:
         report.change(None, "removed the net-level state")
     inputs: list[Layer] = []
@@ -132,15 +148,24 @@ def to_deploy(
                     f"{lay.type}): {_missing(flow, lay)}; give --input-shape N,C,H,W"
                 )
             inputs.append(
-                Layer(data_top, "Input", [], [data_top],
-                      attrs={"shape": [{"dim": [int(d) for d in shape]}]},
-                      param_field="input_param")
+                Layer(
+                    data_top,
+                    "Input",
+                    [],
+                    [data_top],
+                    attrs={"shape": [{"dim": [int(d) for d in shape]}]},
+                    param_field="input_param",
+                )
             )
             dead.update(lay.tops[1:])
-            report.change(lay.name, f"{lay.type} -> Input {data_top!r} shape "
-                          + "x".join(map(str, shape))
-                          + ("" if len(lay.tops) < 2 else
-                             f"; dropped label top(s) {', '.join(lay.tops[1:])}"))
+            report.change(
+                lay.name,
+                f"{lay.type} -> Input {data_top!r} shape "
+                + "x".join(map(str, shape))
+                + (
+                    "" if len(lay.tops) < 2 else f"; dropped label top(s) {', '.join(lay.tops[1:])}"
+                ),
+            )
             continue
         if lay.type in _DROP_TYPES or (is_loss(lay) and not any(lay is h for h in heads)):
             dead.update(t for t in lay.tops if t not in lay.bottoms)
@@ -164,8 +189,11 @@ def to_deploy(
             continue
         if any(b in dead for b in lay.bottoms):  # rule 5
             dead.update(t for t in lay.tops if t not in lay.bottoms)
-            report.change(lay.name, f"dropped: reads a training-only blob "
-                          f"({', '.join(b for b in lay.bottoms if b in dead)})")
+            report.change(
+                lay.name,
+                f"dropped: reads a training-only blob "
+                f"({', '.join(b for b in lay.bottoms if b in dead)})",
+            )
             continue
         new = lay.copy()
         new.include, new.exclude = [], []
@@ -242,11 +270,15 @@ def fc_to_conv(
     for name in names:  # rules 1-2
         lay = out.layer(name)
         if lay.type != "InnerProduct":
-            raise NetError(f"layer {name!r} is a {lay.type}, not an InnerProduct; fc-to-conv "
-                           "converts InnerProduct layers only")
+            raise NetError(
+                f"layer {name!r} is a {lay.type}, not an InnerProduct; fc-to-conv "
+                "converts InnerProduct layers only"
+            )
         if int(attr(lay, "axis", 1)) != 1:
-            raise NetError(f"layer {name!r} has axis {attr(lay, 'axis', 1)}; only axis 1 "
-                           "(flatten C,H,W) has an equivalent Convolution")
+            raise NetError(
+                f"layer {name!r} has axis {attr(lay, 'axis', 1)}; only axis 1 "
+                "(flatten C,H,W) has an equivalent Convolution"
+            )
         shape = None
         producer = None
         for flow, info in infos:
@@ -256,11 +288,15 @@ def fc_to_conv(
                 producer = _root_producer(node.inputs[0])
                 break
         if shape is None:
-            raise NetError(f"layer {name!r}: the shape of its bottom {lay.bottoms[0]!r} is "
-                           "unknown; give the net an Input shape (or input_shapes)")
+            raise NetError(
+                f"layer {name!r}: the shape of its bottom {lay.bottoms[0]!r} is "
+                "unknown; give the net an Input shape (or input_shapes)"
+            )
         if len(shape) not in (2, 4):
-            raise NetError(f"layer {name!r}: bottom {lay.bottoms[0]!r} has shape {shape}; "
-                           "fc-to-conv needs an N,C,H,W or N,K bottom")
+            raise NetError(
+                f"layer {name!r}: bottom {lay.bottoms[0]!r} has shape {shape}; "
+                "fc-to-conv needs an N,C,H,W or N,K bottom"
+            )
         if len(shape) == 2 and producer is not None and producer.name not in names:
             raise NetError(
                 f"layer {name!r}: its bottom {lay.bottoms[0]!r} is 2-D {shape}, made by "
@@ -275,8 +311,10 @@ def fc_to_conv(
         c, h, w = (shape[1], 1, 1) if len(shape) == 2 else shape[1:]
         new_name = name + suffix
         if suffix and out.layers_named(new_name):
-            raise NetError(f"cannot convert {name!r} to {new_name!r}: that name is taken; "
-                           "choose another suffix")
+            raise NetError(
+                f"cannot convert {name!r} to {new_name!r}: that name is taken; "
+                "choose another suffix"
+            )
         twins = out.layers_named(name)
         for lay in twins:  # rules 3, 5
             transpose = bool(lay.attrs.pop("transpose", False))
@@ -310,9 +348,13 @@ def fc_to_conv(
                     C.rename_top(out, lay0, ti, new_name)
             out.rename_layer(name, new_name)
         kernel = f"{h}x{w}"
-        report.change(name, f"InnerProduct -> Convolution {new_name!r}, kernel {kernel} on "
-                      f"{bottom_names[name]!r} {'x'.join(map(str, shape))}",
-                      new_name=new_name, kernel=[int(h), int(w)],
-                      weight_shape=[int(lay.attrs['num_output']), int(c), int(h), int(w)])
+        report.change(
+            name,
+            f"InnerProduct -> Convolution {new_name!r}, kernel {kernel} on "
+            f"{bottom_names[name]!r} {'x'.join(map(str, shape))}",
+            new_name=new_name,
+            kernel=[int(h), int(w)],
+            weight_shape=[int(lay.attrs["num_output"]), int(c), int(h), int(w)],
+        )
     report.data["renamed"] = {n: n + suffix for n in names}
     return C.finish(out, report)  # rule 6

@@ -169,8 +169,11 @@ def rename_heads(
         globs = [p for p in pats if any(c in p for c in "*?[")]
         exact = C.match_globs(out, [p for p in pats if p not in globs], what="--layer")
         typed = [lay for lay in out.layers if lay.type in HEAD_TYPES]
-        found = set(exact) | set(C.match_globs(out, globs, what="--layer", candidates=typed,
-                                                    kind="InnerProduct or Convolution"))
+        found = set(exact) | set(
+            C.match_globs(
+                out, globs, what="--layer", candidates=typed, kind="InnerProduct or Convolution"
+            )
+        )
         heads = [n for n in dict.fromkeys(lay.name for lay in out.layers) if n in found]
     elif rename:
         heads = C.match_globs(out, list(rename), what="--rename")

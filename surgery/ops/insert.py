@@ -93,14 +93,8 @@ class _Placed:
 
 
 def _views(net: Net) -> dict[str, tuple[Dataflow, Any]]:
-    """Per phase: (flow, ShapeInfo or None when shapes cannot be inferred there)."""
-    out: dict[str, tuple[Dataflow, Any]] = {}
-    for phase, flow in flows(net).items():
-        try:
-            out[phase] = infer_shapes(net, phase)
-        except ShapeMismatchError:
-            out[phase] = (flow, None)
-    return out
+    """Per phase that resolves: (flow, ShapeInfo); a net Caffe would refuse raises."""
+    return {phase: infer_shapes(net, phase) for phase in flows(net)}
 
 
 def _shape(info: Any, value: Value) -> tuple[int, ...] | None:

@@ -61,6 +61,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 # options holding file paths, resolved against the recipe's folder
 _PATH_OPTIONS = frozenset({"from_", "source", "src", "weights", "report", "path", "report_path"})
 _NOT_OPTIONS = frozenset({"net", "rng"})
+# options taking {old: new}; a recipe may also write them as ["OLD=NEW", ...]
+_MAPPINGS = frozenset({"map", "rename", "mapping"})
 
 
 def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -72,7 +74,13 @@ def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         import tomllib  # type: ignore[import-not-found]
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise SurgeryError(
+                "reading a TOML recipe needs Python 3.11+ or the tomli package "
+                "(pip install tomli); a dict recipe works without it"
+            ) from None
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -94,8 +102,11 @@ def _op_function(op: str) -> Callable[..., Any]:
 
 
 def _signature(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    return {k: v for k, v in inspect.signature(fn).parameters.items()
-            if k not in _NOT_OPTIONS and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+    return {
+        k: v
+        for k, v in inspect.signature(fn).parameters.items()
+        if k not in _NOT_OPTIONS and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)
+    }
 
 
 def _option_name(key: str, params: Mapping[str, Any]) -> str | None:
@@ -131,7 +142,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> list[Step]:
         )
     steps = recipe.get("step", recipe.get("steps", []))
     if not isinstance(steps, list) or not steps:
-        raise SurgeryError("recipe: no steps; add [[step]] tables with op = \"...\"")
+        raise SurgeryError('recipe: no steps; add [[step]] tables with op = "..."')
     plan = []
     for i, step in enumerate(steps, 1):
         if not isinstance(step, Mapping) or "op" not in step:
@@ -143,8 +154,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> list[Step]:
             from ..errors import did_you_mean
 
             raise SurgeryError(
-                f"step {i}: unknown op {op!r}{did_you_mean(op, OPS)}; valid ops: "
-                + ", ".join(OPS)
+                f"step {i}: unknown op {op!r}{did_you_mean(op, OPS)}; valid ops: " + ", ".join(OPS)
             )
         try:
             fn = _op_function(op)
@@ -164,6 +174,19 @@ def validate_recipe(recipe: Mapping[str, Any]) -> list[Step]:
             args[name] = value
         plan.append((op, fn, args))
     return plan
+
+
+def _value(base: Path, key: str, value: Any) -> Any:
+    """A step option's value as the op wants it: paths resolved, ``["A=B"]`` lists as dicts."""
+    if key in _PATH_OPTIONS:
+        return _resolve(base, value)
+    if (
+        key in _MAPPINGS
+        and isinstance(value, list)
+        and all(isinstance(v, str) and "=" in v for v in value)
+    ):
+        return dict(v.split("=", 1) for v in value)
+    return value
 
 
 def _resolve(base: Path, value: Any) -> Any:
@@ -230,17 +253,31 @@ def apply_recipe(
         raise SurgeryError(f"recipe: seed must be an integer; got {seed!r}")
     rng = np.random.default_rng(seed)
 
+    output = (
+        output
+        if output is not None
+        else (_resolve(base, recipe["output"]) if recipe.get("output") else None)
+    )
+    out_weights = (
+        out_weights
+        if out_weights is not None
+        else (_resolve(base, recipe["out_weights"]) if recipe.get("out_weights") else None)
+    )
+    if write:
+        for dst in (output, out_weights):
+            if dst is not None and not Path(dst).resolve().parent.is_dir():
+                raise SurgeryError(f"recipe: cannot write {dst}: its folder does not exist")
+
     if net is None:  # rule 3
         if "net" not in recipe:
-            raise SurgeryError("recipe: no net = \"NET.prototxt\" (and no net given)")
+            raise SurgeryError('recipe: no net = "NET.prototxt" (and no net given)')
         weights = recipe.get("weights")
-        net = load(_resolve(base, recipe["net"]),
-                   _resolve(base, weights) if weights else None)
+        net = load(_resolve(base, recipe["net"]), _resolve(base, weights) if weights else None)
     report = Report("apply")
     report.seed = seed
     current = net
     for i, (op, fn, args) in enumerate(plan, 1):  # rules 4-5
-        call = {k: (_resolve(base, v) if k in _PATH_OPTIONS else v) for k, v in args.items()}
+        call = {k: _value(base, k, v) for k, v in args.items()}
         params = _signature(fn)
         if "rng" in inspect.signature(fn).parameters and "seed" not in call:
             call["rng"] = rng
@@ -256,13 +293,11 @@ def apply_recipe(
             raise SurgeryError(f"step {i} ({op}): bad option value: {exc}") from None
         report.merge(step_report)
         report.change(None, f"step {i}: {op} ({len(step_report.changed)} change(s))")
-    output = output if output is not None else (
-        _resolve(base, recipe["output"]) if recipe.get("output") else None)
-    out_weights = out_weights if out_weights is not None else (
-        _resolve(base, recipe["out_weights"]) if recipe.get("out_weights") else None)
-    if out_weights is not None and not current.has_weights:
-        raise SurgeryError("recipe: out_weights is set but the net has no weights; add "
-                           "weights = \"...caffemodel\" to the recipe")
+    if write and out_weights is not None and not current.has_weights:
+        raise SurgeryError(
+            "recipe: out_weights is set but the net has no weights; add "
+            'weights = "...caffemodel" to the recipe'
+        )
     report.data["output"] = None if output is None else str(output)
     report.data["out_weights"] = None if out_weights is None else str(out_weights)
     if write and (output is not None or out_weights is not None):  # rule 6

@@ -1,0 +1,210 @@
+"""The insert-eltwise, insert-gate and transplant verbs through ``surgery.cli.main``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surgery import caffe_io
+from surgery.check import check
+from surgery.cli import main
+
+from .conftest import GOLDEN, MODELS, ROOT, ZOO
+from .test_ops_insert import TINY
+
+LENET_W = GOLDEN / "lenet" / "weights.caffemodel"
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.prototxt"
+    p.write_text(TINY)
+    return p
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _valid(proto: Path, weights: Path | None = None):
+    net = caffe_io.load(proto, weights)
+    assert [p for p in check(net) if p.severity == "error"] == []
+    return net
+
+
+def _one_line_error(rc: int, err: str, *words: str) -> None:
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("surgery ")
+    for w in words:
+        assert w in err, err
+
+
+# -- insert-eltwise ---------------------------------------------------------------------------
+def test_insert_eltwise(tiny, tmp_path, capsys):
+    out = tmp_path / "out.prototxt"
+    rc, text, _ = _run(capsys, "insert-eltwise", tiny, "-o", out, "--bottoms", "relu_a", "m",
+                       "--name", "att")
+    assert rc == 0 and "new Tile on 'm'" in text and f"wrote {out}" in text
+    net = _valid(out)
+    assert net.layer("att").bottoms == ["a", "att_tile"] and net.layer("c").bottoms == ["att"]
+    rc, text, _ = _run(capsys, "insert-eltwise", tiny, "-o", out, "--bottoms", "relu_a", "b",
+                       "--operation", "sum", "--coeff", "1,-1", "--json", "--in-place")
+    rep = json.loads(text)
+    assert rep["op"] == "insert_eltwise" and rep["data"]["rewired"] == ["c", "d"]
+    assert _valid(out).layer("a_sum").attrs == {"operation": "SUM", "coeff": [1.0, -1.0]}
+
+
+@pytest.mark.parametrize(
+    ("bottoms", "extra", "words"),
+    [
+        (("relu_aa", "b"), (), ("no layer or blob named 'relu_aa'", "did you mean 'relu_a'")),
+        (("relu_a", "data"), (), ("1x4x8x8", "1x3x8x8", "different shapes")),
+        (("a", "relu_a"), (), ("cycle", "relu_a")),
+        (("relu_a", "b"), ("--coeff", "1,2"), ("coeff is only allowed",)),
+        (("relu_a", "b"), ("--coeff", "x"), ("--coeff must be",)),
+    ],
+)
+def test_insert_eltwise_errors(tiny, tmp_path, capsys, bottoms, extra, words):
+    out = tmp_path / "out.prototxt"
+    rc, _, err = _run(capsys, "insert-eltwise", tiny, "-o", out, "--bottoms", *bottoms, *extra)
+    _one_line_error(rc, err, *words)
+    assert not out.exists()
+
+
+def test_never_overwrites_the_input(tiny, capsys):
+    before = tiny.read_text()
+    rc, _, err = _run(capsys, "insert-eltwise", tiny, "-o", tiny, "--bottoms", "relu_a", "b")
+    _one_line_error(rc, err, "would overwrite the input", "--in-place")
+    assert tiny.read_text() == before
+
+
+# -- insert-gate ------------------------------------------------------------------------------
+def test_insert_gate_with_weights(tmp_path, capsys):
+    out, out_w = tmp_path / "g.prototxt", tmp_path / "g.caffemodel"
+    proto = GOLDEN / "lenet" / "net.prototxt"
+    rc, text, _ = _run(capsys, "insert-gate", proto, "-o", out, "--at", "conv2",
+                       "--weights", LENET_W, "--out-weights", out_w, "--seed", "11", "--json")
+    assert rc == 0
+    rep = json.loads(text)
+    assert rep["seed"] == 11 and rep["data"]["layers"] == [
+        "conv2_gate", "conv2_gate_sigmoid", "conv2_gate_tile", "conv2_gated"]
+    net = _valid(out, out_w)
+    src = caffe_io.load(proto, LENET_W)
+    for lay in src.layers:
+        for a, b in zip(lay.blobs, net.layer(lay.name).blobs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert net.layer("conv2_gate").blobs[0].shape == (1, 50, 1, 1)
+    assert net.layer("pool2").bottoms == ["conv2_gated"]
+
+
+def test_insert_gate_identity_prototxt_only(tmp_path, capsys):
+    out = tmp_path / "g.prototxt"
+    rc, text, _ = _run(capsys, "insert-gate", MODELS / "lenet.prototxt", "-o", out, "--at",
+                       "relu1", "--channels", "same", "--activation", "none", "--init",
+                       "identity")
+    assert rc == 0 and "identity gate" in text
+    gate = _valid(out).layer("relu1_gate")
+    assert gate.attrs["bias_filler"] == {"type": "constant", "value": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (("--at", "conv3"), ("no layer or blob named 'conv3'", "did you mean")),
+        (("--at", "conv1", "--weights", str(LENET_W)), ("--weights needs --out-weights",)),
+        (("--at", "conv1", "--out-weights", "x.caffemodel"), ("--out-weights needs --weights",)),
+    ],
+)
+def test_insert_gate_errors(tmp_path, capsys, argv, words):
+    out = tmp_path / "g.prototxt"
+    rc, _, err = _run(capsys, "insert-gate", MODELS / "lenet.prototxt", "-o", out, *argv)
+    _one_line_error(rc, err, *words)
+    assert not out.exists()
+
+
+# -- transplant -------------------------------------------------------------------------------
+def test_transplant_with_map_and_report(tmp_path, capsys):
+    proto = tmp_path / "ft.prototxt"
+    proto.write_text((MODELS / "lenet.prototxt").read_text().replace('"ip2"', '"ip2_ft"', 1))
+    out, report = tmp_path / "ft.caffemodel", tmp_path / "r.json"
+    rc, text, _ = _run(capsys, "transplant", proto, "--from", LENET_W, "-o", out)
+    assert rc == 0 and "1 filled from fillers, 1 unused" in text and "ip2" in text
+    rc, text, _ = _run(capsys, "transplant", proto, "--from", LENET_W, "-o", out, "--in-place",
+                       "--map", "ip2=ip2_ft", "--report", report, "--json")
+    assert rc == 0
+    printed, written = json.loads(text), json.loads(report.read_text())
+    assert printed["data"]["counts"] == written["data"]["counts"]
+    assert written["data"]["counts"]["copied"] == 4 and written["data"]["counts"]["unused"] == 0
+    assert written["data"]["bytes"]["copied"] == 1_724_320  # LeNet's 431,080 float32 values
+    net = _valid(proto, out)
+    src = caffe_io.load(MODELS / "lenet.prototxt", LENET_W)
+    np.testing.assert_array_equal(net.layer("ip2_ft").blobs[0], src.layer("ip2").blobs[0])
+
+
+def test_transplant_mismatch(tmp_path, capsys):
+    proto = tmp_path / "n7.prototxt"
+    proto.write_text((MODELS / "lenet.prototxt").read_text().replace("num_output: 10",
+                                                                      "num_output: 7"))
+    out = tmp_path / "out.caffemodel"
+    rc, _, err = _run(capsys, "transplant", proto, "--from", LENET_W, "-o", out)
+    _one_line_error(rc, err, "'ip2'", "10x500", "7x500", "--map", "--on-mismatch reinit")
+    assert not out.exists()
+    rc, text, _ = _run(capsys, "transplant", proto, "--from", LENET_W, "-o", out,
+                       "--on-mismatch", "reinit", "--seed", "3")
+    assert rc == 0 and "1 re-initialised" in text and "seed     3" in text
+    assert _valid(proto, out).layer("ip2").blobs[0].shape == (7, 500)
+
+
+def test_transplant_bad_map_and_outputs(tmp_path, capsys):
+    out = tmp_path / "out.caffemodel"
+    net = MODELS / "lenet.prototxt"
+    rc, _, err = _run(capsys, "transplant", net, "--from", LENET_W, "-o", out, "--map", "ip2")
+    _one_line_error(rc, err, "--map takes SRC_LAYER=DST_LAYER")
+    rc, _, err = _run(capsys, "transplant", net, "--from", LENET_W, "-o", out, "--map",
+                      "ip3=ip2")
+    _one_line_error(rc, err, "has no layer 'ip3'", "did you mean 'ip2'")
+    rc, _, err = _run(capsys, "transplant", net, "--from", LENET_W, "-o", LENET_W)
+    _one_line_error(rc, err, "would overwrite the input")
+    rc, _, err = _run(capsys, "transplant", net, "--from", tmp_path / "none.caffemodel", "-o",
+                      out)
+    _one_line_error(rc, err, "none.caffemodel")
+    assert not out.exists()
+
+
+def test_transplant_open_nsfw_cli(tmp_path, capsys):
+    out = tmp_path / "nsfw.caffemodel"
+    rc, text, _ = _run(capsys, "transplant", ZOO / "open_nsfw" / "deploy.prototxt", "--from",
+                       ZOO / "open_nsfw" / "resnet_50_1by2_nsfw.caffemodel", "-o", out)
+    assert rc == 0 and "160 copied" in text and "ignored 16 split layer(s)" in text
+
+
+def test_verbs_import_no_torch_or_onnx():
+    code = (
+        "import sys; from surgery.cli import build_parser; build_parser(); "
+        "import surgery.cli_graph, surgery.ops.insert, surgery.ops.transplant; "
+        "bad = [m for m in ('torch', 'onnx', 'onnxruntime', 'cv2') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_docs_commands_run(tmp_path, monkeypatch):
+    """docs/graph_ops.md's bash examples run, in order, as written (outputs under tmp)."""
+    import re
+    import shlex
+
+    text = (ROOT / "docs" / "graph_ops.md").read_text()
+    cmds = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+            for line in block.splitlines() if line.startswith("surgery ")]
+    assert len(cmds) >= 4
+    monkeypatch.chdir(ROOT)
+    for cmd in cmds:
+        argv = [a.replace("/tmp/", f"{tmp_path}/") for a in shlex.split(cmd)[1:]]
+        assert main(argv) == 0, cmd

@@ -1,0 +1,121 @@
+"""surgery.verify: backends against goldens, tolerance failures, the comparison rules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import surgery  # noqa: E402
+from surgery.errors import SurgeryError  # noqa: E402
+from surgery.net import Param  # noqa: E402
+from surgery.verify import compare, load_inputs, net_input_shapes, verify  # noqa: E402
+
+from .conftest import GOLDEN  # noqa: E402
+
+
+def _load(name: str) -> surgery.Net:
+    d = GOLDEN / name
+    meta = json.loads((d / "meta.json").read_text())
+    return surgery.load(d / "net.prototxt", d / meta["weights"])
+
+
+@pytest.mark.parametrize("name", ["lenet", "mtcnn_det1"])
+def test_golden_passes_on_every_backend(name: str) -> None:
+    rep = verify(_load(name), golden=GOLDEN / name)
+    assert rep.passed, rep.table()
+    assert rep.reference.startswith("golden")
+    assert rep.tolerance == json.loads((GOLDEN / name / "meta.json").read_text())["tolerance"]
+    for backend in ("onnxruntime", "torch", "opencv"):
+        if backend in rep.skipped:
+            continue
+        assert rep.worst(backend) is not None
+    blobs = {r.blob for r in rep.rows if r.backend == "onnxruntime"}
+    assert {"prob" if name == "lenet" else "prob1", "conv1"} <= blobs
+    assert "PASS" in rep.table()
+
+
+def test_split_and_probed_blobs_are_compared() -> None:
+    rep = verify(_load("face_res10"), golden=GOLDEN / "face_res10", backends=["onnxruntime"])
+    assert rep.passed, rep.table()
+    blobs = {r.blob for r in rep.rows}
+    assert any("_split_" in b for b in blobs)
+    assert any(r.note == "probed" for r in rep.rows)
+    assert {"mbox_loc", "mbox_conf_flatten", "mbox_priorbox"} <= blobs
+
+
+def test_tolerance_zero_fails() -> None:
+    rep = verify(_load("lenet"), golden=GOLDEN / "lenet", backends=["onnxruntime"],
+                 tolerance=0.0)
+    assert not rep.passed
+    assert "FAIL" in rep.table()
+
+
+def test_corrupted_weight_is_found() -> None:
+    net = _load("lenet")
+    conv2 = net.layer("conv2")
+    w = conv2.params[0].data.copy()
+    w[0, 0, 0, 0] += 1.0
+    conv2.params[0] = Param(w, conv2.params[0].lr_mult, conv2.params[0].decay_mult)
+    rep = verify(net, golden=GOLDEN / "lenet", backends=["onnxruntime", "torch"])
+    assert not rep.passed
+    failing = {r.blob for r in rep.failures}
+    assert "conv2" in failing and "conv1" not in failing
+
+
+def test_random_input_against_opencv() -> None:
+    pytest.importorskip("cv2")
+    rep = verify(_load("squeezenet_v1_1"), backends=["onnxruntime", "opencv"], seed=1)
+    assert rep.reference.startswith("opencv"), rep.reference
+    assert rep.inputs == {"data": (10, 3, 227, 227)}
+    assert rep.passed, rep.table()
+
+
+def test_unknown_backend_and_bad_tolerance() -> None:
+    net = _load("lenet")
+    with pytest.raises(SurgeryError, match="unknown backend"):
+        verify(net, backends=["caffe2"])
+    with pytest.raises(SurgeryError, match="tolerance"):
+        verify(net, backends=["onnxruntime"], tolerance=-1)
+
+
+def test_inputs_checked() -> None:
+    net = _load("lenet")
+    with pytest.raises(SurgeryError, match="no input array"):
+        verify(net, backends=["onnxruntime"], inputs={"x": np.zeros((1, 1, 28, 28))})
+    with pytest.raises(SurgeryError, match="axes"):
+        verify(net, backends=["onnxruntime"], inputs={"data": np.zeros((28, 28))})
+
+
+def test_load_inputs(tmp_path) -> None:
+    p = tmp_path / "x.npz"
+    np.savez(p, anything=np.ones((1, 1, 28, 28)))
+    assert load_inputs(p, ["data"])["data"].dtype == np.float32
+    np.savez(p, a=np.ones(1), b=np.ones(1))
+    with pytest.raises(SurgeryError, match="no array for input"):
+        load_inputs(p, ["data"])
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(SurgeryError, match="cannot read"):
+        load_inputs(tmp_path / "bad.npz", ["data"])
+
+
+def test_net_input_shapes() -> None:
+    assert net_input_shapes(_load("lenet")) == {"data": (64, 1, 28, 28)}
+
+
+def test_compare_rules() -> None:
+    a = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    assert compare(a, a) == (0.0, 0.0, "")
+    diff, rel, _ = compare(a + 0.4, a)
+    assert math.isclose(diff, 0.4, rel_tol=1e-6) and math.isclose(rel, 0.1, rel_tol=1e-6)
+    assert compare(a.reshape(-1), a)[1] == 0.0  # same count, other layout: reshaped
+    assert compare(a[:1], a)[1] == math.inf
+    bad = a.copy()
+    bad[0, 0] = np.nan
+    assert compare(bad, a)[2] == "non-finite values"
+    assert compare(a[::-1], a, as_set=True)[1] == 0.0  # detections: rows as a set
+    assert compare(a[::-1], a)[1] > 0
