@@ -1448,20 +1448,30 @@ def _axpy(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
 
 
 _IMAGE_SOURCES = {"Data": "data_param", "AnnotatedData": "data_param",
-                  "ImageData": "image_data_param", "WindowData": "window_data_param"}
+                  "ImageData": "image_data_param", "WindowData": "window_data_param",
+                  "VideoData": "video_data_param"}
 
 
 def guess_dataset_shapes(
-    flow: Dataflow, given: Mapping[str, Sequence[int]] | None = None
+    flow: Dataflow,
+    given: Mapping[str, Sequence[int]] | None = None,
+    *,
+    assume_channels: int | None = 3,
 ) -> tuple[dict[str, Shape], dict[str, str]]:
-    """Shapes for dataset layers that their parameters imply, with a note per assumption.
+    """Shapes for dataset layers that their parameters imply, with a note per data top.
 
-    An image source with a ``crop_size`` (or ImageData's ``new_height``/``new_width``) gives
-    ``(batch_size, C, H, W)`` for its first top and ``(batch_size,)`` for the label. ``C`` is
-    taken from the first consumer's loaded convolution weights, ImageData's ``is_color``, or
-    assumed 3 (BGR images) -- each assumption is reported. Pass ``input_shapes`` to
-    :func:`infer` to override.
+    Rules, for a source layer (no bottoms) of an image-reading type:
+
+    1. N = its ``batch_size``; H, W = ``transform_param.crop_size``, else ImageData's
+       ``new_height``/``new_width``. Without both, the layer is left unknown.
+    2. C = the channels the first Convolution reading the blob expects from its *loaded*
+       weights (``weight.shape[1] * group``), else the number of ``mean_value`` entries when
+       there are several, else 1 for ImageData with ``is_color: false``, else
+       ``assume_channels`` (3 = BGR images; None leaves the layer unknown). The note says which.
+    3. A second top (the label) gets ``(N,)``.
+    4. A data top found in ``given`` keeps that shape and sets the label's batch.
     """
+    given = given or {}
     shapes: dict[str, Shape] = {}
     notes: dict[str, str] = {}  # by data top name
     for node in flow.nodes:
@@ -1469,31 +1479,23 @@ def guess_dataset_shapes(
         pfield = _IMAGE_SOURCES.get(layer.type)
         if pfield is None or node.inputs or not layer.tops:
             continue
-        params = layer.attrs if layer.param_field == pfield else layer.extra.get(pfield, {})
-        batch = int(params.get("batch_size", 0) or 0)
-        transform = layer.extra.get("transform_param", {})
-        crop = int(transform.get("crop_size", 0) or 0)
-        h = w = crop
-        if not crop and layer.type == "ImageData":
-            h, w = int(params.get("new_height", 0)), int(params.get("new_width", 0))
-        if layer.tops[0] in given:
+        if layer.tops[0] in given:  # rule 4
             if len(layer.tops) > 1 and layer.tops[1] not in given:
                 shapes[layer.tops[1]] = (int(given[layer.tops[0]][0]),)
             continue
-        if not (batch and h and w):
+        params = layer.attrs if layer.param_field == pfield else layer.extra.get(pfield, {})
+        batch = int(params.get("batch_size", 0) or 0)
+        transform = layer.extra.get("transform_param", {})
+        h = w = int(transform.get("crop_size", 0) or 0)
+        if not h and layer.type == "ImageData":
+            h, w = int(params.get("new_height", 0)), int(params.get("new_width", 0))
+        if not (batch and h and w):  # rule 1
             continue
-        channels, why = 3, "assumed 3 (BGR images)"
-        if layer.type == "ImageData" and not params.get("is_color", True):
-            channels, why = 1, "is_color: false"
-        for consumer, _ in flow.consumers(node.outputs[0]):
-            blobs = consumer.layer.params
-            if consumer.layer.type == "Convolution" and blobs and blobs[0].data is not None:
-                group = int(consumer.layer.attrs.get("group", 1))
-                channels = int(blobs[0].data.shape[1]) * group
-                why = f"from {consumer.layer.name!r}'s weights"
-                break
+        channels, why = _guess_channels(flow, node, params, transform, assume_channels)
+        if channels is None:
+            continue
         shapes[layer.tops[0]] = (batch, channels, h, w)
-        if len(layer.tops) > 1:
+        if len(layer.tops) > 1:  # rule 3
             shapes[layer.tops[1]] = (batch,)
         notes[layer.tops[0]] = (
             f"{layer.name!r} ({flow.state.phase}): {layer.tops[0]} taken as "
@@ -1501,3 +1503,25 @@ def guess_dataset_shapes(
             "override with --input-shape"
         )
     return shapes, notes
+
+
+def _guess_channels(
+    flow: Dataflow, node: Any, params: dict[str, Any], transform: dict[str, Any],
+    assume: int | None,
+) -> tuple[int | None, str]:
+    for consumer, _ in flow.consumers(node.outputs[0]):
+        blobs = consumer.layer.params
+        if consumer.layer.type == "Convolution" and blobs and blobs[0].data is not None:
+            if blobs[0].data.ndim == 4:
+                group = int(consumer.layer.attrs.get("group", 1))
+                return int(blobs[0].data.shape[1]) * group, (
+                    f"from {consumer.layer.name!r}'s weights"
+                )
+    means = transform.get("mean_value", [])
+    if len(means) > 1:
+        return len(means), f"from {len(means)} mean_value entries"
+    if node.layer.type == "ImageData" and not params.get("is_color", True):
+        return 1, "is_color: false"
+    if assume is None:
+        return None, ""
+    return assume, f"assumed {assume}" + (" (BGR images)" if assume == 3 else "")

@@ -29,6 +29,7 @@ import numpy as np
 from ..dataflow import Dataflow, resolve
 from ..errors import LayerNotFoundError, NetError, SurgeryError, did_you_mean
 from ..net import Layer, Net, NetState
+from ..shapes import guess_dataset_shapes
 
 __all__ = [
     "PHASES",
@@ -95,84 +96,11 @@ def make_rng(
     return np.random.default_rng(seed), seed
 
 
-_BATCH_FIELDS = (
-    "data_param",
-    "image_data_param",
-    "hdf5_data_param",
-    "window_data_param",
-    "memory_data_param",
-    "video_data_param",
-)
-
-
 def guess_input_shapes(flow: Dataflow) -> dict[str, tuple[int, ...]]:
     """Shapes for the tops of dataset layers (``Data``, ``ImageData``...) that shape inference
-    cannot know, guessed the way a user would read them off the definition.
-
-    For each source layer without bottoms whose first top has no shape of its own:
-
-    1. N = the layer's ``batch_size`` (``data_param``, ``image_data_param``...).
-    2. H, W = ``transform_param.crop_size``, else ``image_data_param.new_height/new_width``.
-    3. C = the channels the first Convolution reading the blob expects from its *loaded*
-       weights (``weight.shape[1] * group``), else the number of ``mean_value`` entries when
-       there are several, else 3 (1 with ``is_color: false``) for ``ImageData``.
-    4. A second top (the label) gets shape (N,).
-
-    Tops for which any of N, C, H, W is unknown are left out.
-    """
-    out: dict[str, tuple[int, ...]] = {}
-    for node in flow.nodes:
-        lay = node.layer
-        if node.inputs or not lay.tops or lay.type in ("Input", "DummyData", "MemoryData"):
-            continue
-        n = _batch_size(lay)
-        hw = _crop_hw(lay)
-        c = _channels(flow, node)
-        if n is None or hw is None or c is None:
-            continue
-        out[lay.tops[0]] = (n, c, *hw)
-        if len(lay.tops) > 1:
-            out[lay.tops[1]] = (n,)
-    return out
-
-
-def _batch_size(lay: Layer) -> int | None:
-    for key in _BATCH_FIELDS:
-        if lay.param_field == key and "batch_size" in lay.attrs:
-            return int(lay.attrs["batch_size"])
-        sub = lay.extra.get(key)
-        if isinstance(sub, dict) and "batch_size" in sub:
-            return int(sub["batch_size"])
-    if "batch_size" in lay.attrs:
-        return int(lay.attrs["batch_size"])
-    return None
-
-
-def _crop_hw(lay: Layer) -> tuple[int, int] | None:
-    tp = lay.extra.get("transform_param") or {}
-    if tp.get("crop_size"):
-        return int(tp["crop_size"]), int(tp["crop_size"])
-    h, w = lay.attrs.get("new_height"), lay.attrs.get("new_width")
-    if lay.type == "ImageData" and h and w:
-        return int(h), int(w)
-    return None
-
-
-def _channels(flow: Dataflow, node: Any) -> int | None:
-    lay = node.layer
-    for reader, _ in flow.consumers(node.outputs[0]):
-        rl = reader.layer
-        if rl.type == "Convolution" and rl.params and rl.params[0].data is not None:
-            w = rl.params[0].data
-            if w.ndim == 4:
-                return int(w.shape[1]) * int(rl.attrs.get("group", 1))
-    tp = lay.extra.get("transform_param") or {}
-    means = tp.get("mean_value") or []
-    if len(means) > 1:
-        return len(means)
-    if lay.type == "ImageData":
-        return 3 if lay.attrs.get("is_color", True) else 1
-    return None
+    cannot know, read off the definition by :func:`surgery.shapes.guess_dataset_shapes`
+    (channels never assumed: only from loaded weights, mean values or ``is_color``)."""
+    return guess_dataset_shapes(flow, assume_channels=None)[0]
 
 
 def infer_shapes(

@@ -22,15 +22,10 @@ _LOSS_TO_PROB = {"SoftmaxWithLoss": "Softmax", "SigmoidCrossEntropyLoss": "Sigmo
 
 def _missing(flow: Any, lay: Layer) -> str:
     """What the data layer does not say (for the error message)."""
-    node = next((n for n in flow.nodes if n.layer is lay), None)
-    parts = []
-    if C._batch_size(lay) is None:
-        parts.append("no batch_size")
-    if C._crop_hw(lay) is None:
-        parts.append("no crop_size (or new_height/new_width)")
-    if node is None or C._channels(flow, node) is None:
-        parts.append("no channel count (no mean_value per channel, no loaded first-conv weights)")
-    return "it has " + ", ".join(parts) if parts else "its shape is unknown"
+    return (
+        "its batch_size, crop_size (or new_height/new_width) and channel count (one mean_value "
+        "per channel, or loaded first-convolution weights) are not all in the definition"
+    )
 
 
 def _root_producer(value: Any) -> Layer:

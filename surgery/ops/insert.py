@@ -27,6 +27,7 @@ from .report import Report
 __all__ = ["insert_eltwise", "insert_gate", "OPERATIONS", "IDENTITY_SIGMOID_BIAS"]
 
 OPERATIONS = {"prod": "PROD", "sum": "SUM", "max": "MAX"}
+OPERATIONS_REV = {v: k for k, v in OPERATIONS.items()}
 
 # sigmoid(40) is exactly 1.0 in float32 both as 1 / (1 + exp(-b)) (OpenCV, PyTorch) and as
 # Caffe's 0.5 * tanh(0.5 * b) + 0.5: exp(-40) ~ 4e-18 is far below float32's half-ulp of 1.
@@ -209,7 +210,6 @@ def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: li
         elt_name = name
     else:
         elt_name = unique_name(net, f"{a_blob}_{base}")
-    tile: Layer | None = None
     # rule 5: rewire readers of A at or after the Eltwise
     plans = {p: _rename_plan(flow, va, elt_name, position) for p, (flow, _, va, _) in
              active.items()}
@@ -252,11 +252,9 @@ def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: li
                             param_field="eltwise_param", include=list(rules)))
     for i, lay in enumerate(new_layers):
         net.insert(position + i, lay)
-    _verify(net, active, a_spec, b_spec, elt_name, what)
+    _verify(net, active, a_spec, b_spec, elt_name, placed.tile, what)
     return placed
 
-
-OPERATIONS_REV = {v: k for k, v in OPERATIONS.items()}
 
 
 def _taken(net: Net, name: str) -> bool:
@@ -290,7 +288,7 @@ def _check_consistent(plans: dict[str, dict[tuple[int, str, int], tuple[Layer, s
 
 
 def _verify(net: Net, active: dict[str, Any], a_spec: str, b_spec: str, elt: str,
-            what: str) -> None:
+            tile: str | None, what: str) -> None:
     """The Eltwise reads exactly the intended values in each phase (rule 5's no-cycle proof)."""
     for phase, (_, _, va, vb) in active.items():
         try:
@@ -301,7 +299,7 @@ def _verify(net: Net, active: dict[str, Any], a_spec: str, b_spec: str, elt: str
         node = flow.node(elt)
         got = []
         for v in node.inputs:
-            if v.producer.layer.type == "Tile" and v.producer.layer.name != va.producer.layer.name:
+            if tile is not None and v.producer.layer.name == tile:
                 v = v.producer.inputs[0]
             got.append((v.producer.layer.name, v.top_index))
         want = [(va.producer.layer.name, va.top_index), (vb.producer.layer.name, vb.top_index)]
