@@ -159,7 +159,7 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def param_field_for(layer_type: str) -> str | None:
     """The ``LayerParameter`` field that holds ``layer_type``'s parameters, if any."""
     if layer_type in PARAM_FIELD:
@@ -171,7 +171,7 @@ def param_field_for(layer_type: str) -> str | None:
 _MISSING = object()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field(param_field: str, key: str) -> Any:
     desc = _layer_descriptor().fields_by_name.get(param_field)
     if desc is None or desc.message_type is None:

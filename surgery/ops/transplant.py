@@ -10,10 +10,7 @@ copied arrays stay views, and :func:`transplant_file` streams them to the output
 from __future__ import annotations
 
 import os
-import sys
-import types
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
@@ -377,15 +374,3 @@ def transplant_file(
     report.data["output"] = os.fspath(output)
     report.data["bytes_written"] = os.path.getsize(output)
     return report
-
-
-
-class _CallableModule(types.ModuleType):
-    """``surgery.ops.transplant`` names both this module and the op: when the module is imported
-    first, Python binds ``surgery.ops.transplant`` to the module, so make calling it run the op."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Net, Report]:
-        return transplant(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
