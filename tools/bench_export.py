@@ -146,9 +146,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for m in (ref, ours):  # warm-up
             step(m)
         t_ref, t_ours = [], []
-        for _ in range(args.iters):
-            t_ref.append(_time(lambda m=ref: step(m), sync))
-            t_ours.append(_time(lambda m=ours: step(m), sync))
+        for i in range(args.iters):  # interleaved, alternating which goes first
+            pair = [(t_ref, ref), (t_ours, ours)]
+            for times, m in pair if i % 2 == 0 else pair[::-1]:
+                times.append(_time(lambda m=m: step(m), sync))
         key = f"{dev}{'_amp' if amp else ''}"
         res[f"{key}_torchvision_style_s"] = statistics.median(t_ref)
         res[f"{key}_exported_s"] = statistics.median(t_ours)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cuda", action="store_true", help="also run on CUDA when available")
     ap.add_argument("--amp", action="store_true", help="autocast (bf16) on CUDA")

@@ -101,6 +101,7 @@ class LoweringContext:
     shared: dict[str, nn.Parameter] = field(default_factory=dict)
     missing: str = "error"
     rng: np.random.Generator | None = None
+    keep_blobs: bool = False
     _taken: set[str] = field(default_factory=set)
 
     @property
@@ -284,10 +285,25 @@ def _pooling(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Nod
 
 
 # -- activations ------------------------------------------------------------------------------
+def _inplace_ok(ctx: LoweringContext, node: Node, x: fx.Node) -> bool:
+    """True when overwriting the bottom is invisible, as Caffe's in-place ReLU after a
+    Convolution/InnerProduct: their backward needs only their inputs, the value has this one
+    reader, and it is neither returned nor kept."""
+    if ctx.keep_blobs or x.op != "call_module":
+        return False
+    mod = ctx.root.get_submodule(str(x.target))
+    if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return False
+    value = node.inputs[0]
+    return len(ctx.plan.flow.consumers(value)) == 1 and value not in ctx.plan.outputs
+
+
 @lowering("ReLU")
 def _relu(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
     slope = float(attr(node.layer, "negative_slope", 0.0))
     if slope == 0.0:
+        if _inplace_ok(ctx, node, xs[0]):
+            return [ctx.call(torch.relu_, xs[0])]
         return [ctx.call(torch.relu, xs[0])]
     return [ctx.call(nn.functional.leaky_relu, xs[0], slope)]
 
@@ -707,7 +723,8 @@ def to_torch(
         _check_weights(plan)
     root = _Root()
     graph = fx.Graph()
-    ctx = LoweringContext(graph, root, plan, missing=missing, rng=np.random.default_rng(seed))
+    ctx = LoweringContext(graph, root, plan, missing=missing, rng=np.random.default_rng(seed),
+                          keep_blobs=keep_blobs)
     env: dict[int, fx.Node] = {}
     placeholder_taken: set[str] = set()
     for v in plan.inputs:
@@ -827,6 +844,7 @@ def param_groups(
 _RESERVED = {"self", "torch", "nn", "F", "math", "operator", "inputs", "out", "forward"}
 _TORCH_NAMES: dict[Any, str] = {
     torch.relu: "torch.relu",
+    torch.relu_: "torch.relu_",
     torch.sigmoid: "torch.sigmoid",
     torch.tanh: "torch.tanh",
     torch.abs: "torch.abs",
