@@ -673,6 +673,22 @@ def _check_weights(plan: common.ExportPlan) -> None:
         )
 
 
+def _renamed(graph: fx.Graph, wanted: Mapping[fx.Node, str]) -> fx.Graph:
+    """A copy of ``graph`` whose nodes take the ``wanted`` names (fx dedupes with ``_1``...).
+
+    Renaming in place would keep fx's first automatic names reserved (``conv1_1`` for the
+    module ``conv1_1``), so a blob ``conv1_1`` would print as ``conv1_3``.
+    """
+    new = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        args = fx.map_arg(n.args, lambda a: remap[a])
+        kwargs = fx.map_arg(n.kwargs, lambda a: remap[a])
+        name = n.name if n.op in ("placeholder", "output") else wanted.get(n, n.name)
+        remap[n] = new.create_node(n.op, n.target, args, kwargs, name=name, type_expr=n.type)
+    return new
+
+
 def _blob_key(plan: common.ExportPlan, value: Value) -> str:
     """The blob name for the last version of a name (Caffe's view after a forward pass),
     ``<blob>@<layer>`` for earlier in-place versions."""
@@ -739,16 +755,15 @@ def to_torch(
                            f"expected {len(node.outputs)}")
         for v, o in zip(node.outputs, outs, strict=True):
             env[id(v)] = o
-    # Give fx nodes Caffe-like names (the top's name) for a readable .code.
-    named: set[int] = set()
+    # fx nodes are named after the tops they compute, in-place versions after their layer
+    # (``relu1 = torch.relu_(conv1)``), for a readable .code; see _renamed.
+    wanted: dict[fx.Node, str] = {}
     for node in plan.nodes:
         for v in node.outputs:
             o = env[id(v)]
-            if id(o) in named or o.op in ("placeholder",):
-                continue
-            named.add(id(o))
-            o.name = graph._graph_namespace.create_name(
-                common.py_identifier(v.name, prefix="b_"), None)
+            if o.op != "placeholder" and o not in wanted:
+                base = v.name if v.version == 0 else node.layer.name
+                wanted[o] = common.py_identifier(base, prefix="b_")
     result: dict[str, fx.Node] = {}
     if keep_blobs:
         for v in plan.inputs:
@@ -772,6 +787,7 @@ def to_torch(
         graph.output(next(iter(result.values())))
     else:
         graph.output(result)
+    graph = _renamed(graph, wanted)
     graph.lint()
     gm = fx.GraphModule(root, graph, class_name="CaffeNet")
     gm.caffe_names = ctx.caffe_names
