@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NetError
+from .layers import WEIGHT_BIAS_TYPES
 from .net import Layer
 
 __all__ = ["fill", "layer_fillers", "fill_layer", "FILLER_TYPES", "DEFAULT_SEED"]
@@ -115,14 +116,7 @@ def layer_fillers(layer: Layer) -> list[dict[str, Any]]:
     """The filler of each learnable blob of ``layer``, as Caffe would apply it."""
     a = layer.attrs
     t = layer.type
-    if t in (
-        "Convolution",
-        "Deconvolution",
-        "InnerProduct",
-        "ConvolutionDepthwise",
-        "DepthwiseConvolution",
-        "Embed",
-    ):
+    if t in WEIGHT_BIAS_TYPES:
         return [a.get("weight_filler", _CONST0), a.get("bias_filler", _CONST0)]
     if t == "Scale":
         return [a.get("filler", _CONST1), a.get("bias_filler", _CONST0)]

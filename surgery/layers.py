@@ -16,6 +16,9 @@ __all__ = [
     "default",
     "attr",
     "LOSS_TYPES",
+    "WEIGHT_BIAS_TYPES",
+    "ints",
+    "floats",
     "DATA_TYPES",
     "LEARNABLE_TYPES",
     "is_loss",
@@ -93,6 +96,18 @@ PARAM_FIELD: dict[str, str] = {
     "PSROIPooling": "psroi_pooling_param",
 }
 
+#: Types whose learnable blobs are a weight and an optional bias (``bias_term``).
+WEIGHT_BIAS_TYPES = frozenset(
+    {
+        "Convolution",
+        "Deconvolution",
+        "InnerProduct",
+        "ConvolutionDepthwise",
+        "DepthwiseConvolution",
+        "Embed",
+    }
+)
+
 LOSS_TYPES = frozenset(
     {
         "SoftmaxWithLoss",
@@ -136,6 +151,24 @@ LEARNABLE_TYPES = frozenset(
         "Parameter",
     }
 )
+
+
+def ints(v: Any) -> list[int]:
+    """A repeated-or-scalar proto value as a list of ints (None -> [])."""
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [int(x) for x in v]
+    return [int(v)]
+
+
+def floats(v: Any) -> list[float]:
+    """A repeated-or-scalar proto value as a list of floats (None -> [])."""
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [float(x) for x in v]
+    return [float(v)]
 
 
 def is_loss(layer: Layer) -> bool:

@@ -28,7 +28,10 @@ from typing import Any
 
 from .dataflow import Dataflow, Node, Value
 from .errors import ShapeMismatchError, UnsupportedLayerError
+from .layers import LOSS_TYPES as _LAYER_LOSS_TYPES
 from .layers import attr
+from .layers import floats as _floats
+from .layers import ints as _ints
 from .net import Layer
 
 __all__ = [
@@ -349,22 +352,6 @@ def _fail(layer: Layer, bottoms: Sequence[Shape | None], what: str, fix: str = "
 def _get(layer: Layer, key: str, fallback: Any = None) -> Any:
     # Fork fields may be missing from our caffe.proto: fall back to the fork's own default.
     return attr(layer, key, fallback)
-
-
-def _ints(v: Any) -> list[int]:
-    if v is None:
-        return []
-    if isinstance(v, (list, tuple)):
-        return [int(x) for x in v]
-    return [int(v)]
-
-
-def _floats(v: Any) -> list[float]:
-    if v is None:
-        return []
-    if isinstance(v, (list, tuple)):
-        return [float(x) for x in v]
-    return [float(v)]
 
 
 def _has(layer: Layer, key: str) -> bool:
@@ -1121,17 +1108,7 @@ def _permute(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
 
 
 # -- losses and metrics -----------------------------------------------------------------------
-LOSS_TYPES = (
-    "SoftmaxWithLoss",
-    "EuclideanLoss",
-    "SigmoidCrossEntropyLoss",
-    "HingeLoss",
-    "InfogainLoss",
-    "MultinomialLogisticLoss",
-    "ContrastiveLoss",
-    "MultiBoxLoss",
-    "SmoothL1Loss",
-)
+LOSS_TYPES = tuple(sorted(_LAYER_LOSS_TYPES))
 
 
 @shape_rule(*LOSS_TYPES, bottoms=(2, 4))

@@ -422,3 +422,198 @@ def caffe_weighted_sum(losses: list[torch.Tensor], weights: list[float]) -> torc
     for x, w in zip(losses[1:], weights[1:], strict=True):
         total = total + x * w
     return total
+
+
+# -- SSD DetectionOutput ----------------------------------------------------------------------
+# Written from the SSD fork's detection_output_layer.cpp (Forward_cpu) and bbox_util.cpp:
+# float32 throughout, each formula in Caffe's operation order.
+CAFFE_CODE_TYPES = {1: "CORNER", 2: "CENTER_SIZE", 3: "CORNER_SIZE"}
+
+
+def caffe_decode_bboxes(loc: torch.Tensor, prior: torch.Tensor, variance: torch.Tensor | None,
+                        code_type: str = "CORNER",
+                        variance_encoded_in_target: bool = False) -> torch.Tensor:
+    """Caffe's DecodeBBox: offsets ``loc`` (..., 4) against priors (..., 4) [xmin, ymin, xmax,
+    ymax] with ``variance`` (..., 4) (unused when the variance is encoded in the target).
+
+    CORNER adds the (variance-scaled) offsets to the corners; CENTER_SIZE moves the center by
+    ``v * d * prior_size`` and scales the size by ``exp(v * d)``; CORNER_SIZE adds
+    ``v * d * prior_size`` to the corners. Not clipped (DetectionOutput never clips).
+    """
+    code_type = CAFFE_CODE_TYPES.get(code_type, code_type) if isinstance(code_type, int) \
+        else str(code_type)
+    px1, py1, px2, py2 = prior.unbind(-1)
+    d0, d1, d2, d3 = loc.unbind(-1)
+    if not variance_encoded_in_target:
+        if variance is None:
+            raise ValueError("DetectionOutput: the priors carry no variances")
+        v0, v1, v2, v3 = variance.unbind(-1)
+        d0, d1, d2, d3 = v0 * d0, v1 * d1, v2 * d2, v3 * d3  # Caffe: (v * d) * size
+    if code_type == "CORNER":
+        x1, y1, x2, y2 = px1 + d0, py1 + d1, px2 + d2, py2 + d3
+    elif code_type == "CENTER_SIZE":
+        pw = px2 - px1
+        ph = py2 - py1
+        pcx = (px1 + px2) / 2.0
+        pcy = (py1 + py2) / 2.0
+        cx = d0 * pw + pcx
+        cy = d1 * ph + pcy
+        w = torch.exp(d2) * pw
+        h = torch.exp(d3) * ph
+        x1, y1, x2, y2 = cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0
+    elif code_type == "CORNER_SIZE":
+        pw = px2 - px1
+        ph = py2 - py1
+        x1, y1, x2, y2 = px1 + d0 * pw, py1 + d1 * ph, px2 + d2 * pw, py2 + d3 * ph
+    else:
+        raise ValueError(f"DetectionOutput: unknown code_type {code_type!r}")
+    return torch.stack([x1, y1, x2, y2], -1)
+
+
+def caffe_bbox_size(boxes: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    """Caffe's BBoxSize: 0 for an invalid box (xmax < xmin or ymax < ymin), else w * h
+    ((w + 1) * (h + 1) when not normalized)."""
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    size = w * h if normalized else (w + 1.0) * (h + 1.0)
+    invalid = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+    return torch.where(invalid, torch.zeros_like(size), size)
+
+
+def caffe_jaccard_overlap(a: torch.Tensor, b: torch.Tensor, normalized: bool = True,
+                          size_a: torch.Tensor | None = None,
+                          size_b: torch.Tensor | None = None) -> torch.Tensor:
+    """Caffe's JaccardOverlap(NormalizedBBox) between broadcastable box tensors (..., 4).
+
+    Disjoint boxes intersect in [0, 0, 0, 0] (IntersectBBox); ``normalized=False`` adds 1 to
+    the intersection's width and height (so disjoint boxes overlap by 1 pixel, as in Caffe)
+    while the box areas stay BBoxSize's normalized ones (Caffe calls it with the default).
+    Returns 0 unless the intersection has positive width and height.
+    """
+    disjoint = ((b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0])
+                | (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1]))
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    ix1 = torch.where(disjoint, zero, torch.maximum(a[..., 0], b[..., 0]))
+    iy1 = torch.where(disjoint, zero, torch.maximum(a[..., 1], b[..., 1]))
+    ix2 = torch.where(disjoint, zero, torch.minimum(a[..., 2], b[..., 2]))
+    iy2 = torch.where(disjoint, zero, torch.minimum(a[..., 3], b[..., 3]))
+    iw = ix2 - ix1
+    ih = iy2 - iy1
+    if not normalized:
+        iw = iw + 1.0
+        ih = ih + 1.0
+    inter = iw * ih
+    sa = caffe_bbox_size(a) if size_a is None else size_a
+    sb = caffe_bbox_size(b) if size_b is None else size_b
+    ov = inter / (sa + sb - inter)
+    return torch.where((iw > 0) & (ih > 0), ov, zero)
+
+
+def caffe_f32(x: float) -> float:
+    """``x`` rounded to float32 (Caffe's ``float`` arithmetic on scalars)."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def caffe_nms_fast(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float,
+                   nms_threshold: float, eta: float = 1.0, top_k: int = -1,
+                   normalized: bool = True) -> torch.Tensor:
+    """Caffe's ApplyNMSFast: the indices kept, in keep order (score descending).
+
+    Candidates: scores ``> score_threshold``, stable-sorted by score descending (ties keep the
+    prior order, as ``std::stable_sort``), the first ``top_k`` when ``top_k > -1``. Greedy: a
+    candidate is kept when its overlap with every box kept so far is ``<= threshold``; after
+    each keep, while ``eta < 1`` and the threshold is above 0.5, the threshold is multiplied
+    by ``eta`` (adaptive NMS). Between two keeps the threshold is constant, so each step jumps
+    to the next candidate not suppressed by the maximum overlap with the kept boxes.
+    """
+    cand = torch.nonzero(scores > score_threshold).flatten()
+    if cand.numel() == 0:
+        return cand
+    order = torch.sort(scores[cand], descending=True, stable=True)[1]
+    cand = cand[order]
+    if top_k > -1:
+        cand = cand[:top_k]
+    bb = boxes[cand]
+    sizes = caffe_bbox_size(bb)
+    k = int(cand.numel())
+    max_overlap = torch.zeros(k, dtype=bb.dtype, device=bb.device)
+    threshold = caffe_f32(nms_threshold)
+    eta32 = caffe_f32(eta)
+    kept: list[int] = []
+    pos = 0
+    while pos < k:
+        free = torch.nonzero(max_overlap[pos:] <= threshold)
+        if free.numel() == 0:
+            break
+        j = pos + int(free[0, 0])
+        kept.append(j)
+        ov = caffe_jaccard_overlap(bb[j], bb, normalized, sizes[j], sizes)
+        max_overlap = torch.maximum(max_overlap, ov)
+        if eta32 < 1.0 and threshold > 0.5:
+            threshold = caffe_f32(threshold * eta32)
+        pos = j + 1
+    return cand[torch.tensor(kept, dtype=torch.long, device=cand.device)]
+
+
+def caffe_detection_output(
+    loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor, num_classes: int,
+    share_location: bool = True, background_label_id: int = 0, code_type: str = "CORNER",
+    variance_encoded_in_target: bool = False, keep_top_k: int = -1,
+    confidence_threshold: float = -math.inf, nms_threshold: float = 0.3, top_k: int = -1,
+    eta: float = 1.0,
+) -> torch.Tensor:
+    """SSD's DetectionOutput (Caffe's Forward_cpu): decode, per-class NMS, keep_top_k.
+
+    ``loc`` (N, P*L*4) with L = 1 (share_location) or num_classes, ``conf`` (N, P*C) of
+    probabilities, ``prior`` (1, 2, P*4): boxes then variances. Returns (1, 1, R, 7) float32
+    rows ``[image_id, label, score, xmin, ymin, xmax, ymax]``: per image, labels ascending,
+    within a label by score descending. When no image has a detection, R = N rows
+    ``[i, -1, -1, -1, -1, -1, -1]``. ``keep_top_k`` keeps the best-scored rows of an image
+    across classes (a stable sort: among equal scores the lower label, then the earlier row,
+    wins; Caffe's ``std::sort`` leaves that order unspecified).
+    """
+    num = int(loc.shape[0])
+    dev = loc.device
+    loc = loc.float().reshape(num, -1)
+    conf = conf.float().reshape(num, -1)
+    num_priors = int(prior.shape[2] if prior.dim() >= 3 else prior.shape[-1]) // 4
+    flat = prior.float().reshape(-1).to(dev)
+    pbox = flat[:num_priors * 4].reshape(num_priors, 4)
+    pvar = (flat[num_priors * 4:num_priors * 8].reshape(num_priors, 4)
+            if flat.numel() >= num_priors * 8 else None)
+    num_loc = 1 if share_location else num_classes
+    if loc.shape[1] != num_priors * num_loc * 4 or conf.shape[1] != num_priors * num_classes:
+        raise ValueError(f"DetectionOutput: {num_priors} priors do not match loc "
+                         f"{tuple(loc.shape)} / conf {tuple(conf.shape)}")
+    decoded = caffe_decode_bboxes(
+        loc.reshape(num, num_priors, num_loc, 4), pbox[:, None, :],
+        None if pvar is None else pvar[:, None, :], code_type, variance_encoded_in_target)
+    scores = conf.reshape(num, num_priors, num_classes)
+    rows: list[torch.Tensor] = []
+    for i in range(num):
+        labels: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
+        for c in range(num_classes):
+            if c == background_label_id:
+                continue
+            keep = caffe_nms_fast(decoded[i, :, 0 if share_location else c], scores[i, :, c],
+                                  confidence_threshold, nms_threshold, eta, top_k)
+            labels.append(torch.full_like(keep, c))
+            indices.append(keep)
+        if not indices:
+            continue
+        lab = torch.cat(labels)
+        idx = torch.cat(indices)
+        sc = scores[i, idx, lab]
+        if -1 < keep_top_k < int(idx.numel()):
+            best = torch.sort(sc, descending=True, stable=True)[1][:keep_top_k]
+            best = best[torch.sort(lab[best], stable=True)[1]]  # Caffe's map: by label
+            lab, idx, sc = lab[best], idx[best], sc[best]
+        box = decoded[i, idx, 0] if share_location else decoded[i, idx, lab]
+        ids = torch.full_like(sc, float(i))
+        rows.append(torch.cat([ids[:, None], lab.to(sc.dtype)[:, None], sc[:, None], box], 1))
+    out = torch.cat(rows) if rows else loc.new_zeros((0, 7))
+    if out.shape[0] == 0:
+        out = torch.full((num, 7), -1.0, dtype=torch.float32, device=dev)
+        out[:, 0] = torch.arange(num, dtype=torch.float32, device=dev)
+    return out.reshape(1, 1, -1, 7)

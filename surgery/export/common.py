@@ -40,6 +40,8 @@ import numpy as np
 from ..dataflow import Dataflow, Node, Value, resolve
 from ..errors import NetError, UnsupportedLayerError
 from ..layers import attr, is_data, is_loss
+from ..layers import floats as _floats
+from ..layers import ints as _ints
 from ..net import Layer, Net, NetState
 
 __all__ = [
@@ -82,22 +84,6 @@ __all__ = [
 METRIC_TYPES = frozenset({"Accuracy", "Silence", "DetectionEvaluate", "HDF5Output"})
 #: Human-readable reason per dropped kind (for notes).
 DROPPED_AT_TEST = "data, loss, accuracy and Silence layers have no meaning at inference"
-
-
-def _ints(v: Any) -> list[int]:
-    if v is None:
-        return []
-    if isinstance(v, (list, tuple)):
-        return [int(x) for x in v]
-    return [int(v)]
-
-
-def _floats(v: Any) -> list[float]:
-    if v is None:
-        return []
-    if isinstance(v, (list, tuple)):
-        return [float(x) for x in v]
-    return [float(v)]
 
 
 def clean_float(v: float) -> float:

@@ -43,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..dataflow import Dataflow, Node, Value
 from ..errors import NetError, SurgeryError, UnsupportedLayerError
 from ..layers import attr
+from ..layers import ints as _ints
 from ..net import Net
 from ..shapes import Shape, ShapeInfo, infer
 from .common import (
@@ -235,14 +236,6 @@ class _Graph:
 
 
 # -- helpers shared by lowerings ---------------------------------------------------------------
-def _ints(v: Any) -> list[int]:
-    if v is None:
-        return []
-    if isinstance(v, (list, tuple)):
-        return [int(x) for x in v]
-    return [int(v)]
-
-
 def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 

@@ -611,6 +611,33 @@ def _prior_box(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.N
     return [ctx.constant(node, priors, "priors")]
 
 
+def _detection_output(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    """SSD DetectionOutput (opt-in, ``to_torch(..., detection_output=True)``): decode, per-class
+    NMS and keep_top_k in :func:`~surgery.export._torch_runtime.caffe_detection_output`.
+    Kept out of ``_TABLE``: ONNX does not lower it, and the default export cuts before it."""
+    f = common.detection_output_facts(node.layer)
+    if f["num_classes"] <= 0:
+        raise NetError(f"layer {node.layer.name!r}: DetectionOutput needs num_classes")
+    code = f["code_type"]
+    code = rt.CAFFE_CODE_TYPES.get(int(code), code) if str(code).isdigit() else str(code)
+    if code not in rt.CAFFE_CODE_TYPES.values():
+        raise UnsupportedLayerError(f"layer {node.layer.name!r}: code_type {code!r}")
+    if not 0.0 < f["eta"] <= 1.0 or f["nms_threshold"] < 0.0:
+        raise NetError(f"layer {node.layer.name!r}: Caffe needs 0 < eta <= 1 and "
+                       "nms_threshold >= 0")
+    return [ctx.call(rt.caffe_detection_output, xs[0], xs[1], xs[2],
+                     num_classes=f["num_classes"], share_location=f["share_location"],
+                     background_label_id=f["background_label_id"], code_type=code,
+                     variance_encoded_in_target=f["variance_encoded_in_target"],
+                     keep_top_k=f["keep_top_k"],
+                     confidence_threshold=f["confidence_threshold"],
+                     nms_threshold=f["nms_threshold"], top_k=f["top_k"], eta=f["eta"])]
+
+
+# Lowerings outside the table (opt-in; not part of torch_supported_types()).
+_OPT_IN: dict[str, Lowering] = {"DetectionOutput": _detection_output}
+
+
 # -- losses (TRAIN) ---------------------------------------------------------------------------
 def _loss_param(node: Node) -> tuple[int | None, str]:
     lp = node.layer.extra.get("loss_param", {}) or {}
@@ -705,6 +732,7 @@ def to_torch(
     keep_blobs: bool = False,
     missing: str = "error",
     seed: int = 0,
+    detection_output: bool = False,
 ) -> fx.GraphModule:
     """Export ``net`` to a ``torch.fx.GraphModule`` computing what Caffe computes.
 
@@ -720,6 +748,10 @@ def to_torch(
         missing: ``"error"`` (default) raises one error naming every layer without weights;
             ``"fill"`` initialises them from their fillers with ``seed`` (Caffe's rules).
         seed: the seed for ``missing='fill'``.
+        detection_output: lower SSD's ``DetectionOutput`` (decode + per-class NMS +
+            keep_top_k, Caffe's CPU semantics) so the module returns Caffe's
+            ``(1, 1, kept, 7)`` detections; default False: the export stops before it and its
+            bottoms (``mbox_loc``, ``mbox_conf_flatten``, ``mbox_priorbox``) are outputs.
 
     Returns:
         The module, with ``caffe_names`` (module/parameter/buffer name -> ``{"layer",
@@ -734,7 +766,11 @@ def to_torch(
     """
     if missing not in ("error", "fill"):
         raise ValueError("missing must be 'error' or 'fill'")
-    plan = common.plan(net, phase, supported=_TABLE, input_shapes=input_shapes)
+    table: dict[str, Lowering] = dict(_TABLE)
+    if detection_output:
+        table.update(_OPT_IN)
+    plan = common.plan(net, phase, supported=table, input_shapes=input_shapes,
+                       lower_detection_output=detection_output)
     if missing == "error":
         _check_weights(plan)
     root = _Root()
@@ -749,7 +785,7 @@ def to_torch(
         env[id(v)] = graph.placeholder(pname)
     for node in plan.nodes:
         xs = [env[id(v)] for v in node.inputs]
-        outs = _TABLE[node.layer.type](ctx, node, xs)
+        outs = table[node.layer.type](ctx, node, xs)
         if len(outs) != len(node.outputs):
             raise NetError(f"layer {node.layer.name!r}: lowering gave {len(outs)} tops, "
                            f"expected {len(node.outputs)}")
@@ -1103,6 +1139,7 @@ def save_torch(
     missing: str = "error",
     seed: int = 0,
     overwrite: bool = True,
+    detection_output: bool = False,
 ) -> Path:
     """Write ``model.py``, ``weights.safetensors`` and ``caffe_names.json`` into ``out_dir``.
 
@@ -1117,6 +1154,7 @@ def save_torch(
         missing: see :func:`to_torch`.
         seed: see :func:`to_torch`.
         overwrite: replace an existing ``out_dir``.
+        detection_output: see :func:`to_torch`.
 
     Returns:
         The output folder.
@@ -1130,7 +1168,8 @@ def save_torch(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise SurgeryError(f"{out} exists; pass overwrite=True or choose another folder")
-    gm = to_torch(net, phase, input_shapes, missing=missing, seed=seed)
+    gm = to_torch(net, phase, input_shapes, missing=missing, seed=seed,
+                  detection_output=detection_output)
     src = generate_source(gm)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

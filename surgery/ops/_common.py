@@ -28,6 +28,7 @@ import numpy as np
 
 from ..dataflow import Dataflow, resolve
 from ..errors import LayerNotFoundError, NetError, SurgeryError, did_you_mean
+from ..layers import WEIGHT_BIAS_TYPES
 from ..net import Layer, Net, NetState
 from ..shapes import guess_dataset_shapes
 
@@ -183,14 +184,7 @@ def learnable_count(layer: Layer) -> int:
     from ..layers import attr
 
     t = layer.type
-    if t in (
-        "Convolution",
-        "Deconvolution",
-        "InnerProduct",
-        "ConvolutionDepthwise",
-        "DepthwiseConvolution",
-        "Embed",
-    ):
+    if t in WEIGHT_BIAS_TYPES:
         return 2 if attr(layer, "bias_term", True) else 1
     if t == "Scale":
         return (1 if len(layer.bottoms) < 2 else 0) + (1 if attr(layer, "bias_term", False) else 0)
