@@ -108,7 +108,9 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     net = load(args.net, args.weights)
     from .export.torch import save_torch
 
-    result = save_torch(net, args.output, args.phase.upper())
+    result = save_torch(
+        net, args.output, args.phase.upper(), detection_output=args.detection_output
+    )
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     rep = {"output": args.output, "phase": args.phase.upper(), "files": files}
     if isinstance(result, dict):
@@ -179,6 +181,10 @@ def register(sub: Any) -> None:
     p.add_argument("--weights", help="W.caffemodel")
     p.add_argument("-o", "--output", required=True, help="output folder")
     _phase(p)
+    p.add_argument(
+        "--detection-output", action="store_true",
+        help="SSD nets: include DetectionOutput (decode + NMS) instead of stopping before it",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_torch)
 

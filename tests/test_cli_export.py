@@ -148,3 +148,18 @@ def test_verify_input_npz_and_json(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_verify_bad_input(argv: list[str], what: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", NET, "--weights", WEIGHTS, *argv]) == 2
     assert what in capsys.readouterr().err
+
+
+def test_export_torch_with_detection_output(tmp_path):
+    """`--detection-output` puts Caffe's DetectionOutput in model.py (SSD nets)."""
+    from surgery.cli import main
+
+    from .conftest import GOLDEN
+
+    g = GOLDEN / "face_res10"
+    out = tmp_path / "ssd"
+    rc = main(["export", "torch", str(g / "net.prototxt"), "--weights",
+               str(g / "weights.caffemodel"), "-o", str(out), "--detection-output"])
+    assert rc == 0
+    src = (out / "model.py").read_text()
+    assert "detection_out" in src

@@ -12,7 +12,10 @@ from surgery.dataflow import implicit_splits, resolve
 from surgery.errors import NetError
 from surgery.net import NetState, Rule
 
-HEAD = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
+HEAD = (
+    'layer { name: "in" type: "Input" top: "x" '
+    "input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n"
+)
 
 
 def _net(tmp_path: Path, body: str, head: str = HEAD):
