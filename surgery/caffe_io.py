@@ -375,12 +375,38 @@ def attach_weights(net: Net, wf: _wire.WeightFile) -> WeightReport:
         for i, blob in enumerate(rec.blobs):
             while len(layer.params) <= i:
                 layer.params.append(Param())
-            layer.params[i].data = blob.data
+            layer.params[i].data = (
+                _squeeze_legacy(layer.type, i, blob.data) if blob.legacy_4d else blob.data
+            )
         if layer.name not in report.loaded:
             report.loaded.append(layer.name)
     report.unused = [r.name for r in wf.layers if not r.is_split and r.name not in used and r.blobs]
     _fix_legacy_shapes(net)
     return report
+
+
+# The rank of each learnable blob Caffe creates, for the layer types whose blobs legacy V0/V1
+# caffemodels store as num/channels/height/width (a bias as 1x1x1xN, an InnerProduct weight as
+# 1x1xNxK). Known without shape inference, so it holds when the definition's data layers hide the
+# input shape; Caffe refuses a written `shape { dim: 1 dim: 1 dim: 1 dim: N }` for a bias.
+_V2_BLOB_RANKS = {
+    "Convolution": (4, 1),
+    "Deconvolution": (4, 1),
+    "ConvolutionDepthwise": (4, 1),
+    "DepthwiseConvolution": (4, 1),
+    "InnerProduct": (2, 1),
+}
+
+
+def _squeeze_legacy(layer_type: str, index: int, data: np.ndarray) -> np.ndarray:
+    """A legacy 4-D blob with its leading 1s dropped down to the rank Caffe creates."""
+    ranks = _V2_BLOB_RANKS.get(layer_type)
+    if ranks is None or index >= len(ranks) or data.ndim <= ranks[index]:
+        return data
+    cut = data.ndim - ranks[index]
+    if any(d != 1 for d in data.shape[:cut]):
+        return data
+    return freeze_array(data.reshape(data.shape[cut:]))
 
 
 def _fix_legacy_shapes(net: Net) -> None:

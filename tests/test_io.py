@@ -123,6 +123,33 @@ def test_legacy_v1_weights_are_reshaped_to_caffes_shapes() -> None:
     assert net.layer("conv1").params[0].data.shape == (20, 1, 5, 5)
 
 
+def test_legacy_v1_biases_are_written_with_caffes_shapes(tmp_path: Path) -> None:
+    # A V1 caffemodel stores every blob as num/channels/height/width (a bias is 1x1x1xN). Read
+    # with a train_test definition (Data layers: no input shape to infer from), the biases of
+    # Convolution layers and the InnerProduct weights kept those 4-D shapes, and the saved file
+    # said `shape { dim: 1 dim: 1 dim: 1 dim: 20 }` for conv1's bias: the real Caffe refuses it
+    # ("Cannot copy param 1 weights from layer 'conv1'; shape mismatch ... 1 1 1 20 (20);
+    # target param shape is 20 (20)"). Found by tools/caffe_acceptance.py.
+    net = caffe_io.load(
+        ZOO / "v1_trained_lenet" / "lenet_train_test.prototxt",
+        ZOO / "v1_trained_lenet" / "lenet_iter_10000.caffemodel",
+    )
+    want = {
+        "conv1": [(20, 1, 5, 5), (20,)],
+        "conv2": [(50, 20, 5, 5), (50,)],
+        "ip1": [(500, 800), (500,)],
+        "ip2": [(10, 500), (10,)],
+    }
+    for name, shapes in want.items():
+        assert [p.data.shape for p in net.layer(name).params] == shapes, name
+    caffe_io.save(net, tmp_path / "a.prototxt", tmp_path / "a.caffemodel")
+    msg = caffe_pb2.NetParameter()
+    msg.ParseFromString((tmp_path / "a.caffemodel").read_bytes())
+    written = {lp.name: [tuple(b.shape.dim) for b in lp.blobs] for lp in msg.layer}
+    for name, shapes in want.items():
+        assert written[name] == shapes, name
+
+
 def test_save_round_trips_weights(tmp_path: Path) -> None:
     src = GOLDEN / "lenet"
     net = caffe_io.load(src / "net.prototxt", src / "weights.caffemodel")

@@ -42,7 +42,7 @@ DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "Anno
 # --------------------------------------------------------------------------------------------
 # The checker: runs under the reference Caffe's python. One job = a list of steps; it prints
 # one JSON line {"ok": bool, "detail": str}.
-CHECKER = r'''
+CHECKER = r"""
 import json, sys
 import numpy as np
 import caffe
@@ -86,11 +86,18 @@ def set_inputs(net, inputs):
 
 def randfill(net, seed):
     rs = np.random.RandomState(seed)
+    types = dict(zip(net._layer_names, [l.type for l in net.layers]))
     for lname, blobs in net.params.items():
-        for b in blobs:
+        for i, b in enumerate(blobs):
             shape = b.data.shape
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            b.data[...] = rs.standard_normal(shape) * np.sqrt(2.0 / max(fan_in, 1))
+            if types[lname] == "BatchNorm":  # mean, variance (> 0), factor
+                v = [rs.normal(0, 0.5, shape), rs.uniform(0.5, 2.0, shape), np.ones(shape)][i]
+            elif types[lname] == "Scale" and i == 0:
+                v = rs.uniform(0.5, 1.5, shape)
+            else:
+                fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+                v = rs.standard_normal(shape) * np.sqrt(2.0 / max(fan_in, 1))
+            b.data[...] = v
 
 def blob(ref):
     net, name = ref
@@ -110,10 +117,11 @@ def step(s):
         text_format.Merge(open(s["b"]).read(), b)
         if a != b:
             import difflib
-            d = list(difflib.unified_diff(str(a).splitlines(), str(b).splitlines(), lineterm="", n=0))
+            d = list(difflib.unified_diff(str(a).splitlines(), str(b).splitlines(),
+                                          lineterm="", n=0))
             raise Fail("messages differ: " + " | ".join(d[2:8]))
     elif op == "build":
-        net = caffe.Net(s["proto"], phase(s.get("phase", "TEST")))
+        net = caffe.Net(s["proto"], phase(s.get("phase", "TEST")), stages=s.get("stages", []))
         for w in s.get("weights", []):
             net.copy_from(w)
         nets[s["id"]] = net
@@ -181,11 +189,13 @@ def step(s):
             else:
                 e = rel(ours, gold[k])
             worst = max(worst, (e, k))
-        notes.append("%d golden blobs, worst %s %.2e (tol %g)" % (len(names), worst[1], worst[0], tol))
+        notes.append("%d golden blobs, worst %s %.2e (tol %g)"
+                     % (len(names), worst[1], worst[0], tol))
         if s.get("expect", "equal") == "equal" and worst[0] > tol:
             raise Fail("golden blob %s: rel %.3g > tol %g" % (worst[1], worst[0], tol))
         if s.get("expect") == "differ" and worst[0] <= tol:
-            raise Fail("outputs equal the golden ones (rel %.3g): the change had no effect" % worst[0])
+            raise Fail("outputs equal the golden ones (rel %.3g): the change had no effect"
+                       % worst[0])
     elif op == "params_equal":
         A, B = nets[s["a"]], nets[s["b"]]
         skip = set(s.get("exclude", []))
@@ -250,7 +260,8 @@ def step(s):
         for k in s.get("expect_learning", []):
             if not any(x != 0 for x in mult[k]["lr_mult"]):
                 raise Fail("%s should learn" % k)
-        notes.append("step ok: %d frozen blobs unchanged, %d learning blobs changed" % (frozen, learning))
+        notes.append("step ok: %d frozen blobs unchanged, %d learning blobs changed"
+                     % (frozen, learning))
     else:
         raise Fail("unknown step %r" % op)
 
@@ -261,7 +272,7 @@ try:
     print(json.dumps({"ok": True, "detail": "; ".join(notes)}))
 except Fail as exc:
     print(json.dumps({"ok": False, "detail": str(exc)}))
-'''
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +410,7 @@ UPGRADE_DATA = [
     ("legacy_v0_pascal_finetune/pascal_finetune_train.prototxt", _IMNET),
     ("legacy_v0_pascal_finetune/pascal_finetune_val.prototxt", _IMNET),
     ("legacy_v1_mnist/lenet_train_test.prototxt", _MNIST),
-    ("legacy_v1_mnist/mnist_autoencoder.prototxt", _MNIST),
+    ("legacy_v1_mnist/mnist_autoencoder.prototxt", _MNIST),  # TEST needs a stage: see below
     ("legacy_v1_cifar10/cifar10_full_train_test.prototxt", _CIFAR),
     ("legacy_v1_bvlc_alexnet/train_val.prototxt", _IMNET),
     ("legacy_v1_bvlc_reference_caffenet/train_val.prototxt", _IMNET),
@@ -407,6 +418,25 @@ UPGRADE_DATA = [
     ("legacy_v1_siamese/mnist_siamese_train_test.prototxt", [2, 2, 28, 28]),
     ("legacy_v1_hdf5_classification/train_val.prototxt", [2, 4]),
     ("legacy_v1_hdf5_classification/train_val2.prototxt", [2, 4]),
+]
+
+# train_test definitions with their V1 caffemodels (no input shape to infer blob shapes from)
+UPGRADE_DATA_WEIGHTS = [
+    (
+        "v1_trained_lenet/lenet_train_test.prototxt",
+        _MNIST,
+        "v1_trained_lenet/lenet_iter_10000.caffemodel",
+    ),
+    (
+        "v1_trained_cifar10_quick/cifar10_quick_train_test.prototxt",
+        _CIFAR,
+        "v1_trained_cifar10_quick/cifar10_quick_iter_5000.caffemodel",
+    ),
+    (
+        "v1_trained_cifar10_full/cifar10_full_train_test.prototxt",
+        _CIFAR,
+        "v1_trained_cifar10_full/cifar10_full_iter_70000.caffemodel",
+    ),
 ]
 
 # Caffe's own upgrade tests: input -> the V2 text Caffe's upgrader produces
@@ -427,7 +457,13 @@ def case_upgrade_deploy(rel: str, weights: str | None):
             cli(*args)
             steps += [
                 {"op": "build", "id": "orig", "proto": str(src), "weights": [str(ZOO / weights)]},
-                {"op": "build", "id": "ours", "proto": str(out), "weights": [str(d / "v2.caffemodel")]},
+                {
+                    "op": "build",
+                    "id": "ours",
+                    "proto": str(out),
+                    "weights": [str(d / "v2.caffemodel")],
+                },
+                {"op": "params_equal", "a": "orig", "b": "ours"},
             ]
         else:
             cli(*args)
@@ -448,21 +484,50 @@ def case_upgrade_deploy(rel: str, weights: str | None):
     return fn
 
 
-def case_upgrade_data(rel: str, shape: list[int]):
+# TEST stages a net needs to have a data layer at all
+TEST_STAGES = {"legacy_v1_mnist/mnist_autoencoder.prototxt": ["test-on-test"]}
+
+
+def case_upgrade_data(rel: str, shape: list[int], weights: str | None = None):
     def fn(r: Runner, d: Path) -> str:
         out = d / "v2.prototxt"
-        cli("upgrade", ZOO / rel, "-o", out)
+        args: list[object] = ["upgrade", ZOO / rel, "-o", out]
+        wts: dict[str, list[str]] = {"orig": [], "ours": []}
+        if weights:
+            args += ["--weights", ZOO / weights, "--out-weights", d / "v2.caffemodel"]
+            wts = {"orig": [str(ZOO / weights)], "ours": [str(d / "v2.caffemodel")]}
+        cli(*args)
         dd = dummy_data(out, d / "v2_dummy.prototxt", shape)
-        return r.caffe(
-            [
-                {"op": "parse", "proto": str(out)},
-                {"op": "build", "id": "train", "proto": str(dd), "phase": "TRAIN"},
-                {"op": "forward", "net": "train"},
-                {"op": "build", "id": "test", "proto": str(dd), "phase": "TEST"},
-                {"op": "forward", "net": "test"},
-            ],
-            d.name,
-        )
+        stages = TEST_STAGES.get(rel, [])
+        steps: list[dict] = [{"op": "parse", "proto": str(out)}]
+        for ph in ("TRAIN", "TEST"):
+            st = stages if ph == "TEST" else []
+            steps += [
+                {
+                    "op": "build",
+                    "id": f"ours{ph}",
+                    "proto": str(dd),
+                    "phase": ph,
+                    "stages": st,
+                    "weights": wts["ours"],
+                },
+                {"op": "forward", "net": f"ours{ph}"},
+            ]
+            if weights:  # the V1 caffemodel as Caffe reads it vs ours
+                steps += [
+                    {
+                        "op": "build",
+                        "id": f"orig{ph}",
+                        "proto": str(dd),
+                        "phase": ph,
+                        "stages": st,
+                        "weights": wts["orig"],
+                    },
+                    {"op": "params_equal", "a": f"orig{ph}", "b": f"ours{ph}"},
+                ]
+        return r.caffe(steps, d.name)
+
+    return fn
 
     return fn
 
@@ -472,10 +537,13 @@ def case_upgrade_pair(src: str, expected: str):
         out = d / "v2.prototxt"
         base = ZOO / "legacy_upgrade_tests"
         cli("upgrade", base / f"{src}.prototxt", "-o", out)
-        return r.caffe(
-            [{"op": "same_message", "a": str(base / f"{expected}.prototxt"), "b": str(out)}],
-            d.name,
-        ) or "equal to Caffe's own upgrade output"
+        return (
+            r.caffe(
+                [{"op": "same_message", "a": str(base / f"{expected}.prototxt"), "b": str(out)}],
+                d.name,
+            )
+            or "equal to Caffe's own upgrade output"
+        )
 
     return fn
 
@@ -499,15 +567,32 @@ def googlenet_tv_weights(r: Runner) -> Path:
 def case_rename_heads_tv(r: Runner, d: Path) -> str:
     orig_w = googlenet_tv_weights(r)
     out, ow = d / "ft.prototxt", d / "ft.caffemodel"
-    rep = cli("rename-heads", GOOGLENET_TV, "--num-output", 7, "--lr-mult", "10,20",
-              "--weights", orig_w, "--out-weights", ow, "-o", out)
+    rep = cli(
+        "rename-heads",
+        GOOGLENET_TV,
+        "--num-output",
+        7,
+        "--lr-mult",
+        "10,20",
+        "--weights",
+        orig_w,
+        "--out-weights",
+        ow,
+        "-o",
+        out,
+    )
     heads = sorted(rep["data"]["renamed"].values())
     dd = dummy_data(out, d / "ft_dummy.prototxt", [2, 3, 224, 224])
     steps = [{"op": "parse", "proto": str(out)}]
     for ph in ("TRAIN", "TEST"):
         steps += [
-            {"op": "build", "id": f"orig{ph}", "proto": str(dd), "phase": ph,
-             "weights": [str(orig_w)]},
+            {
+                "op": "build",
+                "id": f"orig{ph}",
+                "proto": str(dd),
+                "phase": ph,
+                "weights": [str(orig_w)],
+            },
             {"op": "build", "id": f"ours{ph}", "proto": str(dd), "phase": ph, "weights": [str(ow)]},
             {"op": "params_equal", "a": f"orig{ph}", "b": f"ours{ph}", "exclude": heads},
         ]
@@ -520,16 +605,36 @@ def case_rename_heads_tv(r: Runner, d: Path) -> str:
 def case_rename_heads_deploy(r: Runner, d: Path) -> str:
     gd, gw, _ = golden_meta("googlenet")
     out, ow = d / "ft.prototxt", d / "ft.caffemodel"
-    cli("rename-heads", GOOGLENET_DEPLOY, "--num-output", 7, "--weights", gw,
-        "--out-weights", ow, "-o", out)
+    cli(
+        "rename-heads",
+        GOOGLENET_DEPLOY,
+        "--num-output",
+        7,
+        "--weights",
+        gw,
+        "--out-weights",
+        ow,
+        "-o",
+        out,
+    )
     return r.caffe(
         [
             {"op": "build", "id": "orig", "proto": str(out), "weights": [str(gw)]},
             {"op": "build", "id": "ours", "proto": str(out), "weights": [str(ow)]},
-            {"op": "build", "id": "train", "proto": str(out), "phase": "TRAIN",
-             "weights": [str(gw), str(ow)]},
+            {
+                "op": "build",
+                "id": "train",
+                "proto": str(out),
+                "phase": "TRAIN",
+                "weights": [str(gw), str(ow)],
+            },
             {"op": "params_equal", "a": "orig", "b": "ours", "exclude": ["loss3/classifier_ft"]},
-            {"op": "param_shape", "net": "ours", "layer": "loss3/classifier_ft", "shape": [7, 1024]},
+            {
+                "op": "param_shape",
+                "net": "ours",
+                "layer": "loss3/classifier_ft",
+                "shape": [7, 1024],
+            },
             {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
             {"op": "golden", "net": "ours", "dir": str(gd), "blobs": ["pool5/7x7_s1"]},
         ],
@@ -551,9 +656,15 @@ def _solver_case(verb_args_chain, expect_frozen, expect_learning):
             [
                 {"op": "parse", "proto": str(src)},
                 {"op": "build", "id": "test", "proto": str(dd), "phase": "TEST"},
-                {"op": "solver_step", "proto": str(dd), "dir": str(d),
-                 "weights": str(googlenet_tv_weights(r)), "multipliers": mult,
-                 "expect_frozen": expect_frozen, "expect_learning": expect_learning},
+                {
+                    "op": "solver_step",
+                    "proto": str(dd),
+                    "dir": str(d),
+                    "weights": str(googlenet_tv_weights(r)),
+                    "multipliers": mult,
+                    "expect_frozen": expect_frozen,
+                    "expect_learning": expect_learning,
+                },
             ],
             d.name,
         )
@@ -561,8 +672,9 @@ def _solver_case(verb_args_chain, expect_frozen, expect_learning):
     return fn
 
 
-def _gold_case(name: str, verbs: list[list], *, compare: str = "equal", extra=None,
-               weights: bool = True):
+def _gold_case(
+    name: str, verbs: list[list], *, compare: str = "equal", extra=None, weights: bool = True
+):
     """Run verbs in a chain on golden net NAME (weights threaded through when the verb takes
     them), then Caffe: load, forward the golden input, compare meta outputs to the golden."""
 
@@ -581,12 +693,17 @@ def _gold_case(name: str, verbs: list[list], *, compare: str = "equal", extra=No
         steps = [
             {"op": "parse", "proto": str(src)},
             {"op": "build", "id": "ours", "proto": str(src), "weights": [str(w)]},
-            {"op": "build", "id": "train", "proto": str(src), "phase": "TRAIN",
-             "weights": [str(w)]},
+            {
+                "op": "build",
+                "id": "train",
+                "proto": str(src),
+                "phase": "TRAIN",
+                "weights": [str(w)],
+            },
             {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
             {"op": "golden", "net": "ours", "dir": str(gd), "expect": compare},
         ]
-        steps += (extra or [])
+        steps += extra or []
         return r.caffe(steps, d.name)
 
     return fn
@@ -596,8 +713,9 @@ def case_transplant(r: Runner, d: Path) -> str:
     gd, _, _ = golden_meta("open_nsfw_real")
     net = ZOO / "open_nsfw" / "deploy.prototxt"
     ow = d / "nsfw.caffemodel"
-    rep = cli("transplant", net, "--from", ZOO / "open_nsfw" / "resnet_50_1by2_nsfw.caffemodel",
-              "-o", ow)
+    rep = cli(
+        "transplant", net, "--from", ZOO / "open_nsfw" / "resnet_50_1by2_nsfw.caffemodel", "-o", ow
+    )
     det = r.caffe(
         [
             {"op": "build", "id": "ours", "proto": str(net), "weights": [str(ow)]},
@@ -619,10 +737,18 @@ def case_deploy_googlenet(r: Runner, d: Path) -> str:
             {"op": "build", "id": "ref", "proto": str(GOOGLENET_DEPLOY), "weights": [str(gw)]},
             {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
             {"op": "forward", "net": "ref", "inputs": str(gd / "input.npz")},
-            {"op": "compare", "a": ["ours", "loss3/classifier/prob"], "b": ["ref", "prob"],
-             "tol": 1e-6},
-            {"op": "golden", "net": "ours", "dir": str(gd),
-             "rename": {"prob": "loss3/classifier/prob"}},
+            {
+                "op": "compare",
+                "a": ["ours", "loss3/classifier/prob"],
+                "b": ["ref", "prob"],
+                "tol": 1e-6,
+            },
+            {
+                "op": "golden",
+                "net": "ours",
+                "dir": str(gd),
+                "rename": {"prob": "loss3/classifier/prob"},
+            },
         ],
         d.name,
     )
@@ -641,7 +767,11 @@ def case_deploy_caffenet(r: Runner, d: Path) -> str:
             {"op": "randfill", "net": "ref", "seed": 11, "save": w},
             {"op": "build", "id": "ours", "proto": str(out), "weights": [w]},
             {"op": "params_equal", "a": "ref", "b": "ours"},
-            {"op": "forward", "net": "ref", "inputs": {"seed": 2, "scale": 30.0}},
+            {
+                "op": "forward",
+                "net": "ref",
+                "inputs": {"seed": 2, "scale": 30.0, "shapes": {"data": [1, 3, 227, 227]}},
+            },
             {"op": "forward", "net": "ours", "inputs": {"seed": 2, "scale": 30.0}},
             {"op": "compare_common", "a": "ref", "b": "ours", "tol": 1e-6},
         ],
@@ -659,20 +789,40 @@ def case_fc_to_conv(r: Runner, d: Path) -> str:
         d.name + "_w",
     )
     out, ow = d / "full_conv.prototxt", d / "full_conv.caffemodel"
-    cli("fc-to-conv", CAFFENET / "deploy.prototxt", "--layers", "fc6", "fc7", "fc8",
-        "--weights", w, "--out-weights", ow, "-o", out)
+    cli(
+        "fc-to-conv",
+        CAFFENET / "deploy.prototxt",
+        "--layers",
+        "fc6",
+        "fc7",
+        "fc8",
+        "--weights",
+        w,
+        "--out-weights",
+        ow,
+        "-o",
+        out,
+    )
     return r.caffe(
         [
-            {"op": "build", "id": "ref", "proto": str(CAFFENET / "deploy.prototxt"),
-             "weights": [str(w)]},
+            {
+                "op": "build",
+                "id": "ref",
+                "proto": str(CAFFENET / "deploy.prototxt"),
+                "weights": [str(w)],
+            },
             {"op": "build", "id": "ours", "proto": str(out), "weights": [str(ow)]},
             {"op": "forward", "net": "ref", "inputs": {"seed": 4, "scale": 30.0}},
             {"op": "forward", "net": "ours", "inputs": {"seed": 4, "scale": 30.0}},
             {"op": "compare", "a": ["ours", "fc6-conv"], "b": ["ref", "fc6"], "tol": 1e-5},
             {"op": "compare", "a": ["ours", "fc8-conv"], "b": ["ref", "fc8"], "tol": 1e-5},
             {"op": "compare", "a": ["ours", "prob"], "b": ["ref", "prob"], "tol": 1e-5},
-            {"op": "reshape_forward", "net": "ours", "shapes": {"data": [1, 3, 451, 451]},
-             "expect": {"prob": [1, 1000, 8, 8]}},
+            {
+                "op": "reshape_forward",
+                "net": "ours",
+                "shapes": {"data": [1, 3, 451, 451]},
+                "expect": {"prob": [1, 1000, 8, 8]},
+            },
         ],
         d.name,
     )
@@ -697,26 +847,85 @@ def case_save_roundtrip(name: str):
     return fn
 
 
+# zoo definitions (fork fields such as ceil_mode, BatchNorm/Scale, Deconvolution/Crop, ...)
+ZOO_ROUNDTRIP = [
+    "resnet18_priv/deploy_resnet18-priv.prototxt",
+    "inception_v3/deploy_inception-v3.prototxt",
+    "mobilenet_v2/mobilenet_v2_deploy.prototxt",
+]
+
+
+def case_zoo_roundtrip(rel: str):
+    """surgery.load + surgery.save of a zoo definition with Caffe-written random weights: the
+    original and our file give the same blobs."""
+
+    def fn(r: Runner, d: Path) -> str:
+        src, w = ZOO / rel, d / "random.caffemodel"
+        r.caffe(
+            [
+                {"op": "build", "id": "orig", "proto": str(src)},
+                {"op": "randfill", "net": "orig", "seed": 5, "save": str(w)},
+            ],
+            d.name + "_w",
+        )
+        out, ow = d / "net.prototxt", d / "net.caffemodel"
+        surgery.save(surgery.load(src, w), out, ow)
+        return r.caffe(
+            [
+                {"op": "parse", "proto": str(out)},
+                {"op": "build", "id": "orig", "proto": str(src), "weights": [str(w)]},
+                {"op": "build", "id": "ours", "proto": str(out), "weights": [str(ow)]},
+                {"op": "params_equal", "a": "orig", "b": "ours"},
+                {"op": "forward", "net": "orig", "inputs": {"seed": 6, "scale": 30.0}},
+                {"op": "forward", "net": "ours", "inputs": {"seed": 6, "scale": 30.0}},
+                {"op": "compare_common", "a": "orig", "b": "ours", "tol": 1e-6},
+            ],
+            d.name,
+        )
+
+    return fn
+
+
 def case_apply(r: Runner, d: Path) -> str:
     out, ow = d / "ft.prototxt", d / "ft.caffemodel"
     orig_w = googlenet_tv_weights(r)
-    rep = cli("apply", ROOT / "examples" / "googlenet_finetune.toml", "--net", GOOGLENET_TV,
-              "--weights", orig_w, "-o", out, "--out-weights", ow)
+    rep = cli(
+        "apply",
+        ROOT / "examples" / "googlenet_finetune.toml",
+        "--net",
+        GOOGLENET_TV,
+        "--weights",
+        orig_w,
+        "-o",
+        out,
+        "--out-weights",
+        ow,
+    )
     mult = rep["data"]["steps"][-1]["data"]["multipliers"]
     heads = ["loss1/classifier_ft", "loss2/classifier_ft", "loss3/classifier_ft"]
     dd = dummy_data(out, d / "ft_dummy.prototxt", [2, 3, 224, 224])
     return r.caffe(
         [
             {"op": "parse", "proto": str(out)},
-            {"op": "build", "id": "orig", "proto": str(dd), "phase": "TRAIN",
-             "weights": [str(orig_w)]},
+            {
+                "op": "build",
+                "id": "orig",
+                "proto": str(dd),
+                "phase": "TRAIN",
+                "weights": [str(orig_w)],
+            },
             {"op": "build", "id": "ours", "proto": str(dd), "phase": "TRAIN", "weights": [str(ow)]},
             {"op": "build", "id": "test", "proto": str(dd), "phase": "TEST", "weights": [str(ow)]},
             {"op": "params_equal", "a": "orig", "b": "ours", "exclude": heads},
-            {"op": "solver_step", "proto": str(dd), "dir": str(d), "weights": str(ow),
-             "multipliers": mult,
-             "expect_frozen": ["conv1/7x7_s2", "inception_3b/5x5"],
-             "expect_learning": ["inception_4a/1x1", "loss1/conv", *heads]},
+            {
+                "op": "solver_step",
+                "proto": str(dd),
+                "dir": str(d),
+                "weights": str(ow),
+                "multipliers": mult,
+                "expect_frozen": ["conv1/7x7_s2", "inception_3b/5x5"],
+                "expect_learning": ["inception_4a/1x1", "loss1/conv", *heads],
+            },
         ],
         d.name,
     )
@@ -728,74 +937,266 @@ def cases() -> list[tuple[str, object]]:
         out.append((f"upgrade {rel}", case_upgrade_deploy(rel, w)))
     for rel, shape in UPGRADE_DATA:
         out.append((f"upgrade {rel}", case_upgrade_data(rel, shape)))
+    for rel, shape, w in UPGRADE_DATA_WEIGHTS:
+        out.append((f"upgrade {rel} +weights", case_upgrade_data(rel, shape, w)))
     for src, exp in UPGRADE_PAIRS:
         out.append((f"upgrade {src}", case_upgrade_pair(src, exp)))
     out += [
         ("rename-heads googlenet train_val", case_rename_heads_tv),
         ("rename-heads googlenet deploy", case_rename_heads_deploy),
-        ("freeze --until inception_4e/output", _solver_case(
-            [["freeze", "--until", "inception_4e/output"]],
-            ["conv1/7x7_s2", "inception_4e/5x5"], ["loss1/conv", "loss2/fc", "inception_5a/1x1"])),
-        ("freeze + lr + unfreeze", _solver_case(
-            [["freeze", "--layers", "conv*", "inception_3*", "--except", "inception_3b*"],
-             ["lr", "--layers", "loss3/classifier", "--lr-mult", "10,20", "--decay-mult", "1,0"],
-             ["unfreeze", "--layers", "inception_3a/1x1", "conv2*"]],
-            ["conv1/7x7_s2", "inception_3a/3x3"],
-            ["inception_3a/1x1", "conv2/3x3", "inception_3b/1x1", "loss3/classifier"])),
+        (
+            "freeze --until inception_4e/output",
+            _solver_case(
+                [["freeze", "--until", "inception_4e/output"]],
+                ["conv1/7x7_s2", "inception_4e/5x5"],
+                ["loss1/conv", "loss2/fc", "inception_5a/1x1"],
+            ),
+        ),
+        (
+            "freeze + lr + unfreeze",
+            _solver_case(
+                [
+                    ["freeze", "--layers", "conv*", "inception_3*", "--except", "inception_3b*"],
+                    [
+                        "lr",
+                        "--layers",
+                        "loss3/classifier",
+                        "--lr-mult",
+                        "10,20",
+                        "--decay-mult",
+                        "1,0",
+                    ],
+                    ["unfreeze", "--layers", "inception_3a/1x1", "conv2*"],
+                ],
+                ["conv1/7x7_s2", "inception_3a/3x3"],
+                ["inception_3a/1x1", "conv2/3x3", "inception_3b/1x1", "loss3/classifier"],
+            ),
+        ),
     ]
     # insert-gate --init identity: outputs equal the golden ones
     ident = ["--init", "identity"]
     out += [
-        ("insert-gate lenet conv2 same sigmoid", _gold_case(
-            "lenet", [["insert-gate", "--at", "conv2", "--channels", "same", *ident]])),
-        ("insert-gate lenet conv1 1ch none", _gold_case(
-            "lenet", [["insert-gate", "--at", "conv1", "--channels", "1", "--activation", "none",
-                       *ident]])),
-        ("insert-gate squeezenet fire3 1ch sigmoid", _gold_case(
-            "squeezenet_v1_1", [["insert-gate", "--at", "fire3/relu_squeeze1x1", "--channels", "1",
-                                 *ident]])),
-        ("insert-gate googlenet 4a same none", _gold_case(
-            "googlenet", [["insert-gate", "--at", "inception_4a/output", "--channels", "same",
-                           "--activation", "none", *ident]])),
-        ("insert-gate nsfw conv 1ch sigmoid", _gold_case(
-            "open_nsfw_real", [["insert-gate", "--at", "conv_stage0_block0_branch2b",
-                                "--channels", "1", *ident]])),
-        ("insert-gate nsfw eltwise same none", _gold_case(
-            "open_nsfw_real", [["insert-gate", "--at", "eltwise_stage1_block0",
-                                "--channels", "same", "--activation", "none", *ident]])),
-        ("insert-gate lenet random (changes)", _gold_case(
-            "lenet", [["insert-gate", "--at", "conv2", "--channels", "same", "--init", "random",
-                       "--seed", "3"]], compare="differ")),
-        ("insert-gate googlenet random 1ch (changes)", _gold_case(
-            "googlenet", [["insert-gate", "--at", "inception_3b/output", "--channels", "1",
-                           "--seed", "3"]], compare="differ")),
+        (
+            "insert-gate lenet conv2 same sigmoid",
+            _gold_case("lenet", [["insert-gate", "--at", "conv2", "--channels", "same", *ident]]),
+        ),
+        (
+            "insert-gate lenet conv1 1ch none",
+            _gold_case(
+                "lenet",
+                [
+                    [
+                        "insert-gate",
+                        "--at",
+                        "conv1",
+                        "--channels",
+                        "1",
+                        "--activation",
+                        "none",
+                        *ident,
+                    ]
+                ],
+            ),
+        ),
+        (
+            "insert-gate squeezenet fire3 1ch sigmoid",
+            _gold_case(
+                "squeezenet_v1_1",
+                [["insert-gate", "--at", "fire3/relu_squeeze1x1", "--channels", "1", *ident]],
+            ),
+        ),
+        (
+            "insert-gate googlenet 4a same none",
+            _gold_case(
+                "googlenet",
+                [
+                    [
+                        "insert-gate",
+                        "--at",
+                        "inception_4a/output",
+                        "--channels",
+                        "same",
+                        "--activation",
+                        "none",
+                        *ident,
+                    ]
+                ],
+            ),
+        ),
+        (
+            "insert-gate nsfw conv 1ch sigmoid",
+            _gold_case(
+                "open_nsfw_real",
+                [["insert-gate", "--at", "conv_stage0_block0_branch2b", "--channels", "1", *ident]],
+            ),
+        ),
+        (
+            "insert-gate nsfw eltwise same none",
+            _gold_case(
+                "open_nsfw_real",
+                [
+                    [
+                        "insert-gate",
+                        "--at",
+                        "eltwise_stage1_block0",
+                        "--channels",
+                        "same",
+                        "--activation",
+                        "none",
+                        *ident,
+                    ]
+                ],
+            ),
+        ),
+        (
+            "insert-gate lenet random (changes)",
+            _gold_case(
+                "lenet",
+                [
+                    [
+                        "insert-gate",
+                        "--at",
+                        "conv2",
+                        "--channels",
+                        "same",
+                        "--init",
+                        "random",
+                        "--seed",
+                        "3",
+                    ]
+                ],
+                compare="differ",
+            ),
+        ),
+        (
+            "insert-gate googlenet random 1ch (changes)",
+            _gold_case(
+                "googlenet",
+                [["insert-gate", "--at", "inception_3b/output", "--channels", "1", "--seed", "3"]],
+                compare="differ",
+            ),
+        ),
         # insert-eltwise
-        ("insert-eltwise lenet sum coeff .5,.5", _gold_case(
-            "lenet", [["insert-gate", "--at", "conv2", *ident],
-                      ["insert-eltwise", "--bottoms", "conv2_gated", "conv2", "--operation", "sum",
-                       "--coeff", "0.5,0.5"]])),
-        ("insert-eltwise lenet prod + Tile (1ch)", _gold_case(
-            "lenet", [["insert-gate", "--at", "conv2", "--channels", "1", *ident],
-                      ["insert-eltwise", "--bottoms", "conv2", "conv2_gate_sigmoid",
-                       "--operation", "prod"]])),
-        ("insert-eltwise squeezenet prod", _gold_case(
-            "squeezenet_v1_1", [["insert-eltwise", "--bottoms", "fire2/relu_expand1x1",
-                                 "fire2/relu_expand3x3", "--operation", "prod"]],
-            compare="differ", extra=[{"op": "eltwise", "net": "ours",
-                                      "top": "fire2/relu_expand1x1_prod", "operation": "prod",
-                                      "bottoms": ["fire2/expand1x1", "fire2/expand3x3"]}])),
-        ("insert-eltwise googlenet sum coeff 1,-1", _gold_case(
-            "googlenet", [["insert-eltwise", "--bottoms", "inception_4b/output",
-                           "inception_4c/output", "--operation", "sum", "--coeff", "1,-1",
-                           "--name", "diff_4b_4c"]],
-            extra=[{"op": "eltwise", "net": "ours", "top": "diff_4b_4c", "operation": "sum",
-                    "coeff": [1, -1], "bottoms": ["inception_4b/output", "inception_4c/output"]}])),
-        ("insert-eltwise nsfw sum + Tile (1ch)", _gold_case(
-            "open_nsfw_real", [["insert-gate", "--at", "conv_stage1_block0_branch2a",
-                                "--channels", "1", "--activation", "none", *ident],
-                               ["insert-eltwise", "--bottoms", "conv_stage1_block0_branch2a",
-                                "conv_stage1_block0_branch2a_gate", "--operation", "sum",
-                                "--coeff", "1,0"]])),
+        (
+            "insert-eltwise lenet sum coeff .5,.5",
+            _gold_case(
+                "lenet",
+                [
+                    ["insert-gate", "--at", "conv2", *ident],
+                    [
+                        "insert-eltwise",
+                        "--bottoms",
+                        "conv2_gated",
+                        "conv2",
+                        "--operation",
+                        "sum",
+                        "--coeff",
+                        "0.5,0.5",
+                    ],
+                ],
+            ),
+        ),
+        (
+            "insert-eltwise lenet prod + Tile (1ch)",
+            _gold_case(
+                "lenet",
+                [
+                    ["insert-gate", "--at", "conv2", "--channels", "1", *ident],
+                    [
+                        "insert-eltwise",
+                        "--bottoms",
+                        "conv2",
+                        "conv2_gate_sigmoid",
+                        "--operation",
+                        "prod",
+                    ],
+                ],
+            ),
+        ),
+        (
+            "insert-eltwise squeezenet prod",
+            _gold_case(
+                "squeezenet_v1_1",
+                [
+                    [
+                        "insert-eltwise",
+                        "--bottoms",
+                        "fire2/relu_expand1x1",
+                        "fire2/relu_expand3x3",
+                        "--operation",
+                        "prod",
+                    ]
+                ],
+                compare="differ",
+                extra=[
+                    {
+                        "op": "eltwise",
+                        "net": "ours",
+                        "top": "fire2/expand1x1_prod",
+                        "operation": "prod",
+                        "bottoms": ["fire2/expand1x1", "fire2/expand3x3"],
+                    }
+                ],
+            ),
+        ),
+        (
+            "insert-eltwise googlenet sum coeff 1,-1",
+            _gold_case(
+                "googlenet",
+                [
+                    [
+                        "insert-eltwise",
+                        "--bottoms",
+                        "inception_4b/output",
+                        "inception_4c/output",
+                        "--operation",
+                        "sum",
+                        "--coeff",
+                        "1,-1",
+                        "--name",
+                        "diff_4b_4c",
+                    ]
+                ],
+                extra=[
+                    {
+                        "op": "eltwise",
+                        "net": "ours",
+                        "top": "diff_4b_4c",
+                        "operation": "sum",
+                        "coeff": [1, -1],
+                        "bottoms": ["inception_4b/output", "inception_4c/output"],
+                    }
+                ],
+            ),
+        ),
+        (
+            "insert-eltwise nsfw sum + Tile (1ch)",
+            _gold_case(
+                "open_nsfw_real",
+                [
+                    [
+                        "insert-gate",
+                        "--at",
+                        "conv_stage1_block0_branch2a",
+                        "--channels",
+                        "1",
+                        "--activation",
+                        "none",
+                        *ident,
+                    ],
+                    [
+                        "insert-eltwise",
+                        "--bottoms",
+                        "conv_stage1_block0_branch2a",
+                        "conv_stage1_block0_branch2a_gate",
+                        "--operation",
+                        "sum",
+                        "--coeff",
+                        "1,0",
+                    ],
+                ],
+            ),
+        ),
         ("transplant open_nsfw", case_transplant),
         ("deploy googlenet train_val", case_deploy_googlenet),
         ("deploy caffenet train_val", case_deploy_caffenet),
@@ -803,6 +1204,8 @@ def cases() -> list[tuple[str, object]]:
     ]
     for g in sorted(p.name for p in GOLDEN.iterdir() if (p / "meta.json").exists()):
         out.append((f"save {g}", case_save_roundtrip(g)))
+    for rel in ZOO_ROUNDTRIP:
+        out.append((f"save zoo {rel}", case_zoo_roundtrip(rel)))
     out.append(("apply googlenet_finetune.toml", case_apply))
     return out
 
