@@ -410,40 +410,34 @@ def _squeeze_legacy(layer_type: str, index: int, data: np.ndarray) -> np.ndarray
 
 
 def _fix_legacy_shapes(net: Net) -> None:
-    """Reshape legacy (num, channels, height, width) blobs to the shapes Caffe would create."""
-    suspects = [
-        lay
+    """Reshape legacy (num, channels, height, width) blobs to the shapes Caffe would create
+    (Scale, BatchNorm, PReLU...: the shapes shape inference gives; trailing axes must agree)."""
+    suspects = {
+        id(lay)
         for lay in net.layers
         if any(p.data is not None and p.data.ndim == 4 for p in lay.params)
-        and lay.type not in ("Convolution", "Deconvolution")
-    ]
+        and lay.type not in _V2_BLOB_RANKS
+    }
     if not suspects:
         return
-    try:
-        from .dataflow import resolve
-        from .net import NetState
-        from .shapes import infer
-    except ImportError:  # shape inference unavailable: keep stored shapes
-        return
+    from .dataflow import resolve
+    from .net import NetState
+    from .shapes import guess_dataset_shapes, infer
+
     for phase in ("TEST", "TRAIN"):
         try:
             flow = resolve(net, NetState(phase))
-            info = infer(flow)
+            info = infer(flow, guess_dataset_shapes(flow)[0], check_weights=False)
         except SurgeryError:
             continue
         for node in flow.nodes:
-            if node.layer not in suspects:
+            if id(node.layer) not in suspects:
                 continue
-            try:
-                want = info.params(node)
-            except Exception:  # noqa: BLE001 - unknown shapes: leave as stored
-                continue
-            for p, shape in zip(node.layer.params, want or [], strict=False):
+            for p, shape in zip(node.layer.params, info.params(node) or [], strict=False):
                 if (
                     p.data is not None
                     and shape is not None
                     and p.data.shape != tuple(shape)
-                    and p.data.size == int(np.prod(shape))
                     and _trailing_equal(p.data.shape, tuple(shape))
                 ):
                     p.data = freeze_array(p.data.reshape(shape))
