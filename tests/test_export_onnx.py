@@ -451,3 +451,39 @@ def test_train_phase_losses_match_torch(ltype: str, label: str, extra: dict[str,
     want = (out["loss"] if isinstance(out, dict) else out).numpy()
     assert got.shape == ()
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_input_rewritten_in_place_keeps_its_name() -> None:
+    """ShuffleNet v2 normalises its input in place (data -> BatchNorm -> Scale): the graph
+    input must still be called ``data``; the later versions are ``data@<layer>``."""
+    import numpy as np
+
+    from surgery.export.onnx import run_onnx, to_onnx
+    from surgery.net import Layer, Net, Param
+
+    rng = np.random.default_rng(0)
+    c = 3
+    net = Net("inplace_input", [
+        Layer("data", "Input", [], ["data"], attrs={"shape": [{"dim": [1, c, 4, 4]}]},
+              param_field="input_param"),
+        Layer("data/bn", "BatchNorm", ["data"], ["data"], params=[
+            Param(data=rng.normal(size=c).astype(np.float32)),
+            Param(data=rng.uniform(0.5, 2, size=c).astype(np.float32)),
+            Param(data=np.ones(1, np.float32))]),
+        Layer("data/scale", "Scale", ["data"], ["data"], attrs={"bias_term": True},
+              param_field="scale_param",
+              params=[Param(data=rng.normal(size=c).astype(np.float32)),
+                      Param(data=rng.normal(size=c).astype(np.float32))]),
+        Layer("relu", "ReLU", ["data"], ["out"]),
+    ])
+    model = to_onnx(net, expose_blobs=True)
+    assert [i.name for i in model.graph.input] == ["data"]
+    outs = {o.name for o in model.graph.output}
+    assert {"out", "data@data/bn", "data@data/scale"} <= outs
+    x = rng.normal(size=(1, c, 4, 4)).astype(np.float32)
+    got = run_onnx(model, {"data": x}, device="cpu")
+    bn = net.layers[1].params
+    mean, var = bn[0].data[:, None, None], bn[1].data[:, None, None]
+    s, b = (p.data[:, None, None] for p in net.layers[2].params)
+    want = np.maximum((x - mean) / np.sqrt(var + 1e-5) * s + b, 0)
+    np.testing.assert_allclose(got["out"], want, rtol=1e-5, atol=1e-6)

@@ -437,3 +437,34 @@ def test_registering_twice_is_an_error() -> None:
 
     with pytest.raises(ValueError):
         lowering("ReLU")(lambda ctx, node, xs: xs)
+
+
+def test_model_py_of_fork_layers(tmp_path: Path) -> None:
+    """Interp, ShuffleChannel and Axpy go through the generated source too (runtime helpers,
+    not bare operators that model.py cannot name)."""
+    def inp(name: str, dims: list[int]) -> Layer:
+        return Layer(name, "Input", [], [name], attrs={"shape": [{"dim": dims}]},
+                     param_field="input_param")
+
+    net = Net("forks", [
+        inp("x", [2, 6, 4, 5]), inp("a", [2, 6, 1, 1]),
+        Layer("shuffle", "ShuffleChannel", ["x"], ["s"], attrs={"group": 3},
+              param_field="shuffle_channel_param"),
+        Layer("axpy", "Axpy", ["a", "s", "x"], ["y"]),
+        Layer("interp", "Interp", ["y"], ["out"], attrs={"zoom_factor": 2},
+              param_field="interp_param"),
+    ])
+    out = save_torch(net, tmp_path / "m")
+    mod = _import(out / "model.py", "gen_forks")
+    model = mod.CaffeNet()
+    model.load_weights(str(out / "weights.safetensors"))
+    model.eval()
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.normal(size=(2, 6, 4, 5)).astype(np.float32),
+            "a": rng.normal(size=(2, 6, 1, 1)).astype(np.float32)}
+    gm = to_torch(net)
+    args = [torch.from_numpy(feed[n]) for n in gm.input_names]
+    with torch.no_grad():
+        a, b = gm(*args), model(*args)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert tuple(a.shape) == (2, 6, 7, 9)

@@ -236,3 +236,29 @@ def test_fc_to_conv_same_outputs_in_opencv(lenet: surgery.Net, tmp_path: Path) -
         net.setInput(x)
         got.append(net.forward().reshape(1, -1))
     np.testing.assert_allclose(got[1], got[0], rtol=1e-5, atol=1e-6)
+
+
+def test_extra_image_tops_of_a_data_layer_stay_inputs(tmp_path: Path) -> None:
+    """FCN's NYUD nets: one Python data layer gives ``color``, ``hha`` and ``label``; the two
+    images feed convolutions and must stay inputs, only the label is dropped."""
+    text = """
+layer { name: "data" type: "Python" top: "color" top: "hha" top: "label"
+        python_param { module: "nyud_layers" layer: "NYUDSegDataLayer" } }
+layer { name: "c1" type: "Convolution" bottom: "color" top: "c1"
+        convolution_param { num_output: 2 kernel_size: 3 } }
+layer { name: "h1" type: "Convolution" bottom: "hha" top: "h1"
+        convolution_param { num_output: 2 kernel_size: 3 } }
+layer { name: "fused" type: "Eltwise" bottom: "c1" bottom: "h1" top: "fused" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fused" bottom: "label" top: "loss" }
+"""
+    (tmp_path / "nyud.prototxt").write_text(text)
+    out, rep = to_deploy(load(tmp_path / "nyud.prototxt"),
+                         {"color": [1, 3, 8, 8], "hha": [1, 3, 8, 8]})
+    first = out.layers[0]
+    assert (first.type, first.tops) == ("Input", ["color", "hha"])
+    assert [d["dim"] for d in first.attrs["shape"]] == [[1, 3, 8, 8], [1, 3, 8, 8]]
+    assert [lay.name for lay in out.layers] == ["color", "c1", "h1", "fused", "prob"]
+    assert rep.data["inputs"] == {"color": [1, 3, 8, 8], "hha": [1, 3, 8, 8]}
+    assert errors(out) == []
+    with pytest.raises(SurgeryError, match="hha=N,C,H,W"):
+        to_deploy(load(tmp_path / "nyud.prototxt"), {"color": [1, 3, 8, 8]})

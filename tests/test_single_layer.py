@@ -160,6 +160,14 @@ CASES: list[Case] = [
          [A4]),
     Case("reduction_sumsq", "Reduction", {"operation": "SUMSQ"}, [A4]),
     Case("upsample_nearest", "Upsample", {"scale": 2}, [(1, 2, 3, 4)]),
+    # fork layers with one meaning: PSPNet Interp, ShuffleNet ShuffleChannel, SENet Axpy
+    Case("interp_zoom", "Interp", {"zoom_factor": 3}, [(2, 3, 4, 5)]),
+    Case("interp_size", "Interp", {"height": 7, "width": 3}, [(1, 2, 5, 6)]),
+    Case("interp_shrink_crop", "Interp", {"shrink_factor": 2, "pad_beg": -1, "pad_end": -1},
+         [(1, 2, 9, 8)]),
+    Case("interp_to_one", "Interp", {"height": 1, "width": 4}, [(1, 2, 5, 6)]),
+    Case("shuffle_channel", "ShuffleChannel", {"group": 3}, [(2, 12, 3, 2)]),
+    Case("axpy", "Axpy", {}, [(2, 3, 1, 1), A4, A4]),
 ]
 
 

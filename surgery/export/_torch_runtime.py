@@ -360,6 +360,29 @@ def caffe_upsample_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return F.interpolate(x, size=size, mode="nearest")
 
 
+def caffe_interp(x: torch.Tensor, size: tuple[int, int], pad_beg: int, pad_end: int
+                 ) -> torch.Tensor:
+    """DeepLab/PSPNet Interp: crop by the (non-positive) pads, then bilinear resize with the
+    corners aligned (``rheight = (H_in - 1) / (H_out - 1)``)."""
+    if pad_beg or pad_end:
+        h, w = x.shape[2], x.shape[3]
+        x = x[:, :, -pad_beg:h + pad_end, -pad_beg:w + pad_end]
+    if (x.shape[2], x.shape[3]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def caffe_axpy(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SENet's Axpy: ``a * x + y`` with ``a`` of shape (N, C, 1, 1)."""
+    return a * x + y
+
+
+def caffe_shuffle_channel(x: torch.Tensor, group: int) -> torch.Tensor:
+    """ShuffleNet's ShuffleChannel: channels as a (group, C/group) matrix, transposed."""
+    n, c = x.shape[0], x.shape[1]
+    return x.reshape(n, group, c // group, -1).transpose(1, 2).reshape(x.shape)
+
+
 def caffe_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """SegNet Upsample: scatter each value to its Pooling mask position in an (oh, ow) plane."""
     n, c, h, w = x.shape

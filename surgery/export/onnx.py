@@ -815,6 +815,43 @@ def _upsample(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
          coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
 
+@lowering("Interp")
+def _interp(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    # DeepLab/PSPNet Interp: crop by the (non-positive) pads, bilinear with aligned corners
+    shape, top = g.bottom_shape(node), g.top_shape(node)
+    beg, end = int(attr(node.layer, "pad_beg", 0)), int(attr(node.layer, "pad_end", 0))
+    x = xs[0]
+    if beg or end:
+        x = g.op("Slice", [x, g.ints("starts", [-beg, -beg]),
+                           g.ints("ends", [shape[2] + end, shape[3] + end]),
+                           g.ints("axes", [2, 3])])
+    if (shape[2] + beg + end, shape[3] + beg + end) == (top[2], top[3]):
+        g.identity(x, ys[0])
+        return
+    nc = g.op("Slice", [g.op("Shape", [x]), g.ints("nc_start", [0]), g.ints("nc_end", [2])])
+    sizes = g.op("Concat", [nc, g.ints("hw", [top[2], top[3]])], axis=0)
+    g.op("Resize", [x, "", "", sizes], ys[0], mode="linear",
+         coordinate_transformation_mode="align_corners")
+
+
+@lowering("ShuffleChannel")
+def _shuffle_channel(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    shape = g.bottom_shape(node)
+    group = int(attr(node.layer, "group", 1))
+    if group == 1:
+        g.identity(xs[0], ys[0])
+        return
+    grouped = g.reshape(xs[0], [0, group, shape[1] // group, -1])
+    swapped = g.op("Transpose", [grouped], perm=[0, 2, 1, 3])
+    g.reshape(swapped, [0, *shape[1:]], ys[0])
+
+
+@lowering("Axpy")
+def _axpy(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    # SENet fork: top = a * x + y, a of shape (N, C, 1, 1)
+    g.op("Add", [g.op("Mul", [xs[0], xs[1]]), xs[2]], ys[0])
+
+
 def _normalized(g: _Graph, node: Node, total: str, keep: str | None, outer: int, inner: int,
                 y: str) -> None:
     """Divide a summed loss by Caffe's normalizer (VALID counts the kept labels, at least 1)."""
@@ -912,12 +949,20 @@ def _name_values(g: _Graph, inputs: Sequence[Value], nodes: Sequence[Node],
                  aliases: Mapping[int, Value]) -> None:
     """Naming rule 1: the last version keeps the blob name.
 
-    A value folded away (``aliases``: folded value -> surviving value) lends the surviving
-    tensor the name of the last value of its chain.
+    Graph inputs keep their Caffe names whatever follows (they are what callers feed): an
+    input rewritten in place (ShuffleNet's ``data`` -> BatchNorm -> Scale) names its later
+    versions ``<blob>@<layer>``, the last one included. A value folded away (``aliases``:
+    folded value -> surviving value) lends the surviving tensor the name of the last value of
+    its chain.
     """
     values = list(inputs) + [v for n in nodes for v in n.outputs]
+    for v in inputs:
+        g.names[id(v)] = g.fresh(v.name)
+    fed = {v.name for v in inputs}
     latest = {v.name: v for v in values}
     for v in values:  # blob names first, so they win over helper names
+        if id(v) in g.names or v.name in fed:
+            continue
         if latest[v.name] is v:
             g.names[id(v)] = g.fresh(v.name)
     for v in values:

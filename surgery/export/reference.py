@@ -503,3 +503,47 @@ def _upsample(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
         for j in range(c):
             out[i, j, mask[i, j]] = x[i, j].reshape(-1)
     return [out.reshape(n, c, oh, ow)]
+
+
+@reference("Interp")
+def _interp(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """Caffe's ``caffe_cpu_interp2`` (DeepLab/PSPNet): float32 ratios, corners aligned."""
+    from ..shapes import top_shapes
+
+    x = xs[0]
+    out = top_shapes(layer, [tuple(a.shape) for a in xs])[0]
+    assert out is not None
+    beg, end = int(attr(layer, "pad_beg", 0)), int(attr(layer, "pad_end", 0))
+    x = x[:, :, -beg:x.shape[2] + end, -beg:x.shape[3] + end].astype(np.float32)
+
+    def axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r = np.float32((size_in - 1) / (size_out - 1)) if size_out > 1 else np.float32(0)
+        src = r * np.arange(size_out, dtype=np.float32)
+        i0 = src.astype(np.int64)
+        step = (i0 < size_in - 1).astype(np.int64)
+        return i0, i0 + step, (src - i0).astype(np.float32)
+
+    h0, h1, lh = axis(x.shape[2], out[2])
+    w0, w1, lw = axis(x.shape[3], out[3])
+    lh, lw = lh[:, None], lw[None, :]
+    top = (1 - lw) * x[:, :, h0][:, :, :, w0] + lw * x[:, :, h0][:, :, :, w1]
+    bottom = (1 - lw) * x[:, :, h1][:, :, :, w0] + lw * x[:, :, h1][:, :, :, w1]
+    return [(1 - lh) * top + lh * bottom]
+
+
+@reference("ShuffleChannel")
+def _shuffle_channel(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    x = xs[0]
+    g = int(attr(layer, "group", 1))
+    n, c = x.shape[:2]
+    out = np.empty_like(x)
+    for i in range(g):  # Caffe's loop: top channel j * g + i <- bottom channel i * (c/g) + j
+        for j in range(c // g):
+            out[:, j * g + i] = x[:, i * (c // g) + j]
+    return [out]
+
+
+@reference("Axpy")
+def _axpy(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    a, x, y = xs
+    return [a * x + y]

@@ -598,6 +598,29 @@ def _upsample(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.No
     return [ctx.call(rt.caffe_upsample_nearest, xs[0], size)]
 
 
+@lowering("Interp")
+def _interp(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    out = ctx.plan.shapes.tops(node)[0] if ctx.plan.shapes is not None else None
+    if out is None:
+        raise NetError(f"layer {node.layer.name!r}: the input shape is unknown")
+    return [ctx.call(rt.caffe_interp, xs[0], (int(out[2]), int(out[3])),
+                     int(attr(node.layer, "pad_beg", 0)), int(attr(node.layer, "pad_end", 0)))]
+
+
+@lowering("ShuffleChannel")
+def _shuffle_channel(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    group = int(attr(node.layer, "group", 1))
+    if group == 1:
+        return [xs[0]]
+    return [ctx.call(rt.caffe_shuffle_channel, xs[0], group)]
+
+
+@lowering("Axpy")
+def _axpy(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    # SENet fork: top = a * x + y, a of shape (N, C, 1, 1)
+    return [ctx.call(rt.caffe_axpy, xs[0], xs[1], xs[2])]
+
+
 @lowering("PriorBox")
 def _prior_box(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
     shapes = ctx.bottom_shapes(node)

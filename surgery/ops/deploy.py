@@ -28,6 +28,29 @@ def _missing(flow: Any, lay: Layer) -> str:
     )
 
 
+def _read_for_inference(net: Net, blob: str) -> bool:
+    """Whether ``blob`` (a data layer's extra top) feeds a learnable layer through layers
+    other than losses, Accuracy and Silence: an image such as FCN's HHA channels, not a label
+    (a label only reaches losses, or layers that copy it)."""
+    from ..layers import LEARNABLE_TYPES
+
+    frontier, seen = [blob], {blob}
+    while frontier:
+        current = frontier.pop()
+        for lay in net.layers:
+            if current not in lay.bottoms or is_loss(lay) or is_data(lay):
+                continue
+            if lay.type in _DROP_TYPES:
+                continue
+            if lay.type in LEARNABLE_TYPES:
+                return True
+            for top in lay.tops:
+                if top not in seen:
+                    seen.add(top)
+                    frontier.append(top)
+    return False
+
+
 def _root_producer(value: Any) -> Layer:
     """The layer that first made ``value``'s blob (before in-place layers)."""
     while value.version > 0:
@@ -60,8 +83,10 @@ def to_deploy(
        are removed from the rest, the net-level ``state`` is removed.
     2. Dataset layers (``Data``, ``ImageData``, ``HDF5Data``...) are replaced by one ``Input``
        layer each, at the front, named after its first top (the data blob). Its other tops
-       (the labels) are dropped.
-    3. The Input's shape: ``input_shape`` (one N,C,H,W for every input, or ``{top: shape}``);
+       are kept as Input tops when they feed a learnable layer other than through a loss
+       (FCN's ``color`` + ``hha``), else dropped (the labels).
+    3. Each Input top's shape: ``input_shape`` (one N,C,H,W for every input, or
+       ``{top: shape}``);
        else read off the data layer (:func:`surgery.ops._common.guess_input_shapes`:
        batch_size; crop_size or new_height/new_width; channels from the first Convolution's
        loaded weights, or the mean_value count). If it cannot be told, an error asks for
@@ -133,33 +158,37 @@ def to_deploy(
     body: list[Layer] = []
     for lay in test.layers:
         if is_data(lay):  # rules 2-3
-            data_top = lay.tops[0] if lay.tops else None
-            if data_top is None:
+            if not lay.tops:
                 continue
-            shape = shapes_given.get(data_top) or one_shape or guessed.get(data_top)
-            if shape is None:
-                raise SurgeryError(
-                    f"cannot tell the input shape of {data_top!r} (data layer {lay.name!r}, "
-                    f"{lay.type}): {_missing(flow, lay)}; give --input-shape N,C,H,W"
-                )
+            kept = [lay.tops[0]] + [t for t in lay.tops[1:] if _read_for_inference(test, t)]
+            labels = [t for t in lay.tops if t not in kept]
+            dims = []
+            for top in kept:
+                shape = shapes_given.get(top) or one_shape or guessed.get(top)
+                if shape is None:
+                    raise SurgeryError(
+                        f"cannot tell the input shape of {top!r} (data layer {lay.name!r}, "
+                        f"{lay.type}): {_missing(flow, lay)}; give --input-shape "
+                        + ("N,C,H,W" if len(kept) == 1 else f"{top}=N,C,H,W")
+                    )
+                dims.append({"dim": [int(d) for d in shape]})
             inputs.append(
                 Layer(
-                    data_top,
+                    kept[0],
                     "Input",
                     [],
-                    [data_top],
-                    attrs={"shape": [{"dim": [int(d) for d in shape]}]},
+                    kept,
+                    attrs={"shape": dims},
                     param_field="input_param",
                 )
             )
-            dead.update(lay.tops[1:])
+            dead.update(labels)
             report.change(
                 lay.name,
-                f"{lay.type} -> Input {data_top!r} shape "
-                + "x".join(map(str, shape))
-                + (
-                    "" if len(lay.tops) < 2 else f"; dropped label top(s) {', '.join(lay.tops[1:])}"
-                ),
+                f"{lay.type} -> Input "
+                + ", ".join(f"{t!r} shape " + "x".join(map(str, d["dim"]))
+                            for t, d in zip(kept, dims, strict=True))
+                + (f"; dropped label top(s) {', '.join(labels)}" if labels else ""),
             )
             continue
         if lay.type in _DROP_TYPES or (is_loss(lay) and not any(lay is h for h in heads)):
@@ -199,7 +228,8 @@ def to_deploy(
     ruled = sum(1 for lay in test.layers if lay.include or lay.exclude)
     if ruled:
         report.change(None, f"removed include/exclude rules from {ruled} layer(s)")
-    report.data["inputs"] = {lay.tops[0]: lay.attrs["shape"][0]["dim"] for lay in inputs}
+    report.data["inputs"] = {top: dims["dim"] for lay in inputs
+                             for top, dims in zip(lay.tops, lay.attrs["shape"], strict=True)}
     report.data["outputs"] = [v.name for v in C.flows(out).get("TEST", flow).outputs]
     return C.finish(out, report)  # rules 6-7
 

@@ -1,0 +1,104 @@
+"""The zoo sweep (``tools/zoo_convert.py``) on a handful of small but diverse real nets.
+
+Each net is loaded with random weights from Caffe's fillers, exported to ONNX and PyTorch,
+run on onnxruntime, torch and (when installed) OpenCV 4.x, and every common blob compared.
+Inputs are cut down where the net allows it, so the whole file stays well under a minute.
+The full sweep (``python tools/zoo_convert.py``) covers every net of ``../shared/zoo``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from .conftest import ROOT, ZOO  # noqa: E402
+
+HAVE_CV2 = importlib.util.find_spec("cv2") is not None
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("zoo_convert", ROOT / "tools" / "zoo_convert.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("zoo_convert", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+zoo_convert = _tool()
+
+# (net, input shapes or None for the net's own, what it covers)
+NETS = [
+    ("bvlc_alexnet/deploy.prototxt", {"data": (2, 3, 99, 99)},
+     "group conv, LRN across channels, Dropout, InnerProduct"),
+    ("bvlc_reference_caffenet/train_val.prototxt", {"data": (1, 3, 99, 99)},
+     "train_val in TEST: Data layer as input, Accuracy/loss dropped"),
+    ("squeezenet_v1.1/deploy.prototxt", {"data": (1, 3, 67, 67)},
+     "Concat fire modules, ceil pooling, global AVE pooling"),
+    ("mobilenet_v2/mobilenet_v2_deploy.prototxt", {"data": (1, 3, 64, 64)},
+     "depthwise group conv, BatchNorm + Scale with bias, Eltwise SUM"),
+    ("inception_v3/deploy_inception-v3.prototxt", {"data": (1, 3, 107, 107)},
+     "kernel_h/kernel_w/pad_h/pad_w convs, AVE pooling with pad"),
+    ("fcn_voc-fcn-alexnet/val.prototxt", {"data": (1, 3, 48, 56)},
+     "Python data layer, Deconvolution, Crop with offset"),
+    ("shufflenet_v2_x0.5/shufflenet_v2_x0.5.prototxt", None,
+     "ShuffleChannel, Slice, ConvolutionDepthwise"),
+    ("caffe_siamese/mnist_siamese_train_test.prototxt", None,
+     "Slice, shared params by name"),
+]
+
+
+@pytest.mark.parametrize("rel,shapes,what", NETS, ids=[n[0].split("/")[0] for n in NETS])
+def test_zoo_net_matches_everywhere(rel: str, shapes: dict | None, what: str,
+                                    tmp_path: Path) -> None:
+    path = ZOO / rel
+    if not path.exists():
+        pytest.skip(f"{path} is not in ../shared/zoo")
+    res = zoo_convert.convert(path, tmp_path, input_shapes=shapes, opencv=HAVE_CV2)
+    assert res.status == "ok", (res.status, res.notes[-3:])
+    assert res.torch_vs_onnx is not None and res.torch_vs_onnx <= 1e-4
+    assert res.compared["torch/onnx"] > 5
+    if HAVE_CV2:
+        assert res.vs_opencv is not None and res.vs_opencv <= 1e-4, res.notes
+        assert res.compared["ours/opencv"] > 5
+    name = res.name
+    assert (tmp_path / name / "model.onnx").is_file()
+    assert (tmp_path / name / "torch" / "model.py").is_file()
+    if shapes:
+        assert res.inputs == {k: list(v) for k, v in shapes.items()}
+
+
+def test_random_weights_are_never_all_zero() -> None:
+    import numpy as np
+
+    import surgery
+    from surgery.dataflow import resolve
+    from surgery.net import NetState
+    from surgery.shapes import infer
+
+    net = surgery.load(ZOO / "mobilenet_v2" / "mobilenet_v2_deploy.prototxt")
+    flow = resolve(net, NetState("TEST"))
+    filled = zoo_convert.fill_random(net, flow, infer(flow, {"data": (1, 3, 32, 32)}), 0)
+    assert filled
+    for lay in net.layers:
+        if lay.type == "BatchNorm":
+            mean, var, factor = (p.data for p in lay.params)
+            assert not mean.any() and (var == 1).all() and factor.tolist() == [1.0]
+        elif lay.type in ("Convolution", "Scale"):
+            assert all(np.any(p.data != 0) for p in lay.params), lay.name
+
+
+def test_unsupported_and_skipped_rows(tmp_path: Path) -> None:
+    res = zoo_convert.convert(ZOO / "faster_rcnn_zf_voc" / "test.prototxt", tmp_path)
+    assert res.status == "unsupported: Python, ROIPooling"
+    assert not res.failed
+    res = zoo_convert.convert(ZOO / "colorization" / "train_val.prototxt", tmp_path)
+    assert res.status.startswith("skip: the TEST net does not resolve")
+    table = zoo_convert.table([res])
+    assert "colorization/train_val" in table and "1 skip" in table
