@@ -211,3 +211,13 @@ def test_docs_commands_run(tmp_path, monkeypatch):
     for cmd in cmds:
         argv = [a.replace("/tmp/", f"{tmp_path}/") for a in shlex.split(cmd)[1:]]
         assert main(argv) == 0, cmd
+
+
+def test_transplant_report_may_not_replace_the_output(tmp_path, capsys):
+    # Regression: --report equal to -o was treated as an input, so --in-place let the JSON
+    # report overwrite the caffemodel just written.
+    out = tmp_path / "out.caffemodel"
+    rc, _, err = _run(capsys, "transplant", MODELS / "lenet.prototxt", "--from", LENET_W,
+                      "-o", out, "--report", out, "--in-place")
+    _one_line_error(rc, err, "-o and --report name the same file")
+    assert not out.exists()

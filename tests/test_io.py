@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from surgery import caffe_io
 from surgery._proto import caffe_pb2
 from surgery.cli import main
-from surgery.errors import ParseError
+from surgery.errors import ParseError, SurgeryError
 from surgery.upgrade import upgrade_net
 
 from .conftest import GOLDEN, MODELS, ZOO
@@ -294,3 +294,69 @@ def test_info_input_shape_overrides_data_and_label(capsys: pytest.CaptureFixture
     assert ip2["top_shapes"] == [[64, 10]]
     assert rep["assumptions"] == []
     assert main(["info", str(path), "--input-shape", "data=0,1"]) == 2
+
+
+def test_save_writes_nothing_when_the_weights_cannot_be_saved(tmp_path: Path) -> None:
+    # Regression: the prototxt was written before the weights were validated.
+    net = caffe_io.load(GOLDEN / "lenet" / "net.prototxt", GOLDEN / "lenet" / "weights.caffemodel")
+    conv1 = net.layer("conv1")
+    conv1.params[1].data = None  # weights for blob 0 only
+    proto, weights = tmp_path / "out.prototxt", tmp_path / "out.caffemodel"
+    with pytest.raises(SurgeryError, match="conv1"):
+        caffe_io.save(net, proto, weights)
+    assert not proto.exists() and not weights.exists()
+    with pytest.raises(SurgeryError, match="does not exist"):
+        lenet = GOLDEN / "lenet"
+        full = caffe_io.load(lenet / "net.prototxt", lenet / "weights.caffemodel")
+        caffe_io.save(full, proto, tmp_path / "no_such_dir" / "out.caffemodel")
+    assert not proto.exists()
+
+
+def test_write_text_atomic_raises_surgery_error(tmp_path: Path) -> None:
+    # Regression: an OSError escaped, so the CLI printed a traceback instead of one line.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SurgeryError, match="cannot write"):
+        caffe_io.write_text_atomic(blocker / "out.prototxt", "text")
+
+
+def test_cli_upgrade_out_weights_needs_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Regression: --out-weights without --weights was ignored but reported as written.
+    out, outw = tmp_path / "new.prototxt", tmp_path / "new.caffemodel"
+    argv = ["upgrade", str(MODELS / "lenet.prototxt"), "-o", str(out), "--out-weights", str(outw)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out-weights needs --weights" in err[0]
+    assert not out.exists() and not outw.exists()
+
+
+def test_cli_upgrade_refuses_one_file_for_both_outputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = ZOO / "v1_trained_lenet"
+    out = tmp_path / "new.prototxt"
+    rc = main(
+        [
+            "upgrade", str(src / "lenet.prototxt"), "-o", str(out),
+            "--weights", str(src / "lenet_iter_10000.caffemodel"),
+            "--out-weights", str(tmp_path / "." / "new.prototxt"),
+        ]
+    )
+    assert rc == 2
+    assert "name the same file" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_duplicate_layer_names_in_weights_last_wins(tmp_path: Path) -> None:
+    """Caffe's CopyTrainedLayersFrom copies each namesake in turn: the last one stays."""
+    from surgery import _wire
+
+    header = caffe_pb2.LayerParameter(name="ip2", type="InnerProduct").SerializeToString()
+    first = [np.zeros((10, 500), np.float32), np.zeros(10, np.float32)]
+    last = [np.ones((10, 500), np.float32), np.ones(10, np.float32)]
+    w = tmp_path / "dup.caffemodel"
+    _wire.write_caffemodel(w, b"", [(header, first), (header, last)])
+    net = caffe_io.load(MODELS / "lenet.prototxt", w)
+    assert np.array_equal(net.layer("ip2").params[0].data, last[0])

@@ -239,3 +239,24 @@ def test_new_name_taken() -> None:
 def test_empty_suffix_refused() -> None:
     with pytest.raises(SurgeryError, match="keep its name"):
         rename_heads(load(MODELS / "lenet.prototxt"), 3, suffix="")
+
+
+_UNKNOWN_SHAPE_HEAD = """
+name: "py_head"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }
+layer { name: "py" type: "Python" bottom: "data" top: "feat"
+        python_param { module: "m" layer: "L" } }
+layer { name: "fc" type: "InnerProduct" bottom: "feat" top: "out"
+        param { lr_mult: 1 } param { lr_mult: 2 } inner_product_param { num_output: 4 } }
+"""
+
+
+def test_fill_refuses_a_layer_whose_input_shape_is_unknown(tmp_path: Path) -> None:
+    # Regression: param_shapes returned [] (no blobs) for a layer whose bottoms' shapes are
+    # unknown, so filling it silently dropped its param { } specs and gave it no weights.
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(_UNKNOWN_SHAPE_HEAD)
+    net = load(proto)
+    with pytest.raises(NetError, match="cannot infer its learnable blob shapes"):
+        fill_missing_weights(net, np.random.default_rng(0))
+    assert [p.lr_mult for p in net.layer("fc").params] == [1, 2]

@@ -2,8 +2,7 @@
 
 Each case is one Caffe layer behind ``Input`` layers. The numpy reference
 (:mod:`surgery.export.reference`) is written from Caffe's loops; the PyTorch export and, when
-importable, the ONNX export (run on onnxruntime) must agree with it. The ONNX helper may append
-cases to ``CASES``.
+importable, the ONNX export (run on onnxruntime) must agree with it.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ class Case:
     blobs: dict[int, Any] = field(default_factory=dict)  # fixed blob values by index
     onnx: bool = True  # the ONNX exporter is expected to lower it
     ints: dict[int, int] = field(default_factory=dict)  # bottom index -> exclusive int bound
+    scale: float = 1.0  # inputs multiplied by it (eps placement, overflow)
 
 
 A4 = (2, 3, 7, 9)
@@ -168,6 +168,47 @@ CASES: list[Case] = [
     Case("interp_to_one", "Interp", {"height": 1, "width": 4}, [(1, 2, 5, 6)]),
     Case("shuffle_channel", "ShuffleChannel", {"group": 3}, [(2, 12, 3, 2)]),
     Case("axpy", "Axpy", {}, [(2, 3, 1, 1), A4, A4]),
+    # semantics the goldens do not reach
+    Case("pool_ave_clip_unpadded_axis", "Pooling", {"pool": "AVE", "kernel_h": 3, "kernel_w": 1,
+                                                    "stride_h": 2, "stride_w": 3, "pad_h": 1,
+                                                    "pad_w": 0}, [(1, 2, 6, 6)]),
+    Case("pool_max_clip_unpadded_axis", "Pooling", {"pool": "MAX", "kernel_h": 1, "kernel_w": 3,
+                                                    "stride_h": 3, "stride_w": 2, "pad_h": 0,
+                                                    "pad_w": 1}, [(1, 2, 6, 6)]),
+    Case("deconv_group_dilation", "Deconvolution", {"num_output": 6, "kernel_size": [3],
+                                                    "group": 3, "stride": [2], "dilation": [2],
+                                                    "pad": [1]}, [(1, 6, 4, 5)]),
+    Case("scale_two_bottoms_bias", "Scale", {"axis": 1, "bias_term": True}, [A4, (3, 7)]),
+    Case("scale_scalar_bias", "Scale", {"num_axes": 0, "bias_term": True}, [A4]),
+    Case("scale_to_the_end", "Scale", {"axis": -2, "num_axes": -1}, [A4]),
+    Case("bias_scalar_bottom", "Bias", {}, [A4, ()]),
+    Case("reshape_negative_axis", "Reshape", {"shape": {"dim": [1, -1]}, "axis": -2,
+                                              "num_axes": 1}, [A4]),
+    Case("slice_equal_three", "Slice", {}, [(2, 6, 3, 3)], ntops=3),
+    Case("crop_one_offset_for_all", "Crop", {"offset": [2]}, [(2, 3, 8, 9), (1, 1, 5, 4)]),
+    Case("power_zero", "Power", {"power": 0.0, "scale": 2.0}, [A4]),
+    Case("power_scale_zero", "Power", {"power": 2.0, "scale": 0.0, "shift": 3.0}, [A4]),
+    Case("log_base2_shift", "Log", {"base": 2.0, "scale": 0.5, "shift": 1.0}, [A4],
+         positive=True),
+    Case("bnll_large", "BNLL", {}, [A4], scale=40.0),
+    Case("threshold_at_value", "Threshold", {"threshold": 1.0}, [A4], ints={0: 3}),
+    Case("elu_alpha", "ELU", {"alpha": 2.5}, [A4], scale=3.0),
+    Case("dropout_no_scale_train", "Dropout", {"dropout_ratio": 0.3, "scale_train": False}, [A4]),
+    Case("batchnorm_batch_stats", "BatchNorm", {"use_global_stats": False}, [A4],
+         blobs={2: np.array([4.0], np.float32)}),
+    Case("lrn_within_k_ignored", "LRN", {"local_size": 5, "alpha": 0.3, "beta": 0.75, "k": 3.0,
+                                         "norm_region": "WITHIN_CHANNEL"}, [(1, 2, 6, 7)]),
+    Case("mvn_eps_on_std", "MVN", {"eps": 0.5}, [A4], scale=0.1),
+    Case("normalize_eps_per_position", "Normalize", {"eps": 0.5, "across_spatial": False},
+         [A4], scale=0.1),
+    Case("softmax_axis0", "Softmax", {"axis": 0}, [A4]),
+    Case("argmax_ties_top1", "ArgMax", {"axis": 1}, [A4], ints={0: 2}),
+    Case("argmax_ties_axis", "ArgMax", {"axis": 1, "top_k": 2}, [A4], ints={0: 3}),
+    Case("argmax_ties_flat_maxval", "ArgMax", {"top_k": 3, "out_max_val": True}, [A4],
+         ints={0: 3}),
+    Case("argmax_axis_maxval", "ArgMax", {"axis": -1, "top_k": 2, "out_max_val": True}, [A4]),
+    Case("reduction_mean_coeff_neg_axis", "Reduction", {"operation": "MEAN", "axis": -2,
+                                                        "coeff": -2.5}, [A4]),
 ]
 
 
@@ -204,10 +245,13 @@ def one_layer_net(case: Case, rng: np.random.Generator) -> Net:
 def inputs_for(case: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
     out = {}
     for i, s in enumerate(case.shapes):
-        if case.positive:
-            out[f"in{i}"] = rng.uniform(0.1, 2.0, s).astype(np.float32)
+        if i in case.ints:  # small integers: ties and values exactly at a threshold
+            x = rng.integers(0, case.ints[i], s).astype(np.float32)
+        elif case.positive:
+            x = rng.uniform(0.1, 2.0, s).astype(np.float32)
         else:
-            out[f"in{i}"] = rng.normal(0, 1, s).astype(np.float32)
+            x = rng.normal(0, 1, s).astype(np.float32)
+        out[f"in{i}"] = (x * np.float32(case.scale)).astype(np.float32)
     return out
 
 
