@@ -160,11 +160,12 @@ class WeightFile:
     _by_name: dict[str, LayerRecord] | None = field(default=None, repr=False, compare=False)
 
     def by_name(self) -> dict[str, LayerRecord]:
-        """Layers by name; with duplicate names, the first one wins (Caffe copies the first)."""
+        """Layers by name; with duplicate names the last one wins, as in Caffe's
+        ``CopyTrainedLayersFrom`` (each namesake is copied in turn, the last overwrites)."""
         if self._by_name is None:
             table: dict[str, LayerRecord] = {}
             for layer in self.layers:
-                table.setdefault(layer.name, layer)
+                table[layer.name] = layer
             self._by_name = table
         return self._by_name
 

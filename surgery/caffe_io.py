@@ -25,7 +25,7 @@ from google.protobuf import text_format
 from . import _wire
 from ._proto import caffe_pb2
 from .errors import NetError, ParseError, SurgeryError
-from .layers import param_field_for
+from .layers import _is_repeated, param_field_for
 from .net import Layer, Net, Param, Rule, freeze_array
 
 __all__ = [
@@ -48,13 +48,6 @@ _LAYER_CORE = {"name", "type", "bottom", "top", "param", "blobs", "include", "ex
 
 
 # -- message <-> plain Python values ----------------------------------------------------------
-def _is_repeated(fd: Any) -> bool:
-    rep = getattr(fd, "is_repeated", None)
-    if rep is not None and not callable(rep):
-        return bool(rep)
-    return fd.label == fd.LABEL_REPEATED
-
-
 def _value_to_py(fd: Any, value: Any) -> Any:
     if fd.message_type is not None:
         return msg_to_dict(value)
@@ -365,7 +358,8 @@ def attach_weights(net: Net, wf: _wire.WeightFile) -> WeightReport:
         if rec.is_split:
             report.splits_ignored += 1
             continue
-        records.setdefault(rec.name, rec)
+        if rec.blobs or rec.name not in records:
+            records[rec.name] = rec  # Caffe's CopyTrainedLayersFrom: a later namesake overwrites
     used: set[str] = set()
     for layer in net.layers:
         rec = records.get(layer.name)
@@ -505,21 +499,28 @@ def read_weights(
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder + rename."""
+    """Write ``text`` to ``path`` through a temp file in the same folder + rename.
+
+    Raises:
+        SurgeryError: the file cannot be written (``path`` is left untouched).
+    """
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise SurgeryError(f"{p}: cannot write: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_wire._umask())  # mkstemp makes 0600; give normal permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise SurgeryError(f"{p}: cannot write: {exc.strerror or exc}") from None
         raise
 
 
@@ -535,14 +536,18 @@ def save(
     The caffemodel is V2 (``layer``, field 100): one record per layer name that has weights,
     with the full layer definition, as Caffe's ``Net::ToProto`` writes it.
 
+    Everything is built and validated before the first file is written, so a net that cannot
+    be saved leaves neither file behind.
+
     Raises:
-        NetError: the net cannot be expressed in Caffe's schema.
-        SurgeryError: a weights file is requested but the net has no weights.
+        NetError: the net cannot be expressed in Caffe's schema, or a layer has weights for
+            only some of its blobs.
+        SurgeryError: a weights file is requested but the net has no weights, or a file
+            cannot be written.
     """
-    if prototxt is not None:
-        write_text_atomic(prototxt, net_to_text(net))
+    text = net_to_text(net) if prototxt is not None else None
+    records: list[tuple[bytes, list[np.ndarray]]] = []
     if weights is not None:
-        records = []
         seen: set[str] = set()
         for layer in net.layers:
             if layer.name in seen or not layer.has_weights:
@@ -558,6 +563,12 @@ def save(
             records.append((header, [p.data for p in layer.params]))
         if not records:
             raise SurgeryError(f"{weights}: the net has no weights to write")
+    for dst in (prototxt, weights):
+        if dst is not None and not Path(dst).resolve().parent.is_dir():
+            raise SurgeryError(f"{dst}: cannot write: folder {Path(dst).parent} does not exist")
+    if text is not None:
+        write_text_atomic(prototxt, text)  # type: ignore[arg-type]
+    if weights is not None:
         head = caffe_pb2.NetParameter()
         if net.name:
             head.name = net.name

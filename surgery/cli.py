@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import SurgeryError
 
-__all__ = ["main", "build_parser", "CliError", "ensure_output", "emit"]
+__all__ = ["main", "build_parser", "CliError", "ensure_output", "ensure_distinct", "emit"]
 
 
 class CliError(SurgeryError):
@@ -48,6 +48,18 @@ def ensure_output(
     parent = out.parent
     if not parent.is_dir():
         raise CliError(f"{what} {output}: folder {parent} does not exist")
+
+
+def ensure_distinct(first: str | None, second: str | None, what: str) -> None:
+    """Refuse two outputs that name the same file (one would overwrite the other).
+
+    Raises:
+        CliError: both are given and resolve to the same path.
+    """
+    if first is not None and second is not None and Path(first).resolve() == Path(
+        second
+    ).resolve():
+        raise CliError(f"{what} name the same file ({first}); give two different paths")
 
 
 def emit(report: dict[str, Any], text: str, as_json: bool) -> None:
@@ -109,10 +121,7 @@ def info_report(
     total_macs = 0
     for node in flow.nodes:
         lay = node.layer
-        try:
-            shapes = info.params(node) or []
-        except SurgeryError:
-            shapes = []
+        shapes = info.params(node)
         params = []
         n_blobs = max(len(shapes), sum(1 for p in lay.params if p.data is not None))
         for i in range(n_blobs):
@@ -262,8 +271,11 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     ensure_output([args.net, args.weights], args.out_weights, args.in_place, "--out-weights")
     if args.weights and not args.out_weights:
         raise CliError("--weights needs --out-weights (where to write the upgraded caffemodel)")
+    if args.out_weights and not args.weights:
+        raise CliError("--out-weights needs --weights (the legacy caffemodel to upgrade)")
+    ensure_distinct(args.output, args.out_weights, "-o and --out-weights")
     net = load(args.net, args.weights)
-    save(net, args.output, args.out_weights if args.weights else None)
+    save(net, args.output, args.out_weights)
     rep = {
         "output": args.output,
         "out_weights": args.out_weights,

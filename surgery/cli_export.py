@@ -108,13 +108,9 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     net = load(args.net, args.weights)
     from .export.torch import save_torch
 
-    result = save_torch(
-        net, args.output, args.phase.upper(), detection_output=args.detection_output
-    )
-    files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    save_torch(net, args.output, args.phase.upper(), detection_output=args.detection_output)
+    files = sorted(p.name for p in out.iterdir())
     rep = {"output": args.output, "phase": args.phase.upper(), "files": files}
-    if isinstance(result, dict):
-        rep.update({k: v for k, v in result.items() if k not in rep})
     emit(rep, f"wrote {args.output}/: {', '.join(files)}", args.json)
     return 0
 
@@ -149,7 +145,7 @@ def _phase(p: argparse.ArgumentParser, default: str = "test") -> None:
                    help=f"the phase to export (default {default})")
 
 
-def _positive(text: str) -> int:
+def _integer(text: str) -> int:
     try:
         return int(text)
     except ValueError:
@@ -167,7 +163,7 @@ def register(sub: Any) -> None:
     p.add_argument("--weights", help="W.caffemodel")
     p.add_argument("-o", "--output", required=True, help="model.onnx")
     _phase(p)
-    p.add_argument("--opset", type=_positive, default=17, help="ONNX opset, 13..21 (default 17)")
+    p.add_argument("--opset", type=_integer, default=17, help="ONNX opset, 13..21 (default 17)")
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis (N)")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNorm (+Scale) into the convolution before it")

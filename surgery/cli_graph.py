@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from .cli import CliError, emit, ensure_output
+from .cli import CliError, emit, ensure_distinct, ensure_output
 
 __all__ = ["register"]
 
@@ -26,8 +26,7 @@ def _load(args: argparse.Namespace) -> Any:
         ensure_output([args.net, weights], out_weights, args.in_place, "--out-weights")
         if weights is None:
             raise CliError("--out-weights needs --weights (the caffemodel to start from)")
-        if out_weights == args.output:
-            raise CliError("-o and --out-weights name the same file")
+        ensure_distinct(args.output, out_weights, "-o and --out-weights")
     elif weights is not None:
         raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
     return load(args.net, weights)
@@ -90,8 +89,9 @@ def cmd_transplant(args: argparse.Namespace) -> int:
     mapping = _mapping(args.map)
     ensure_output([args.net, args.source, args.weights], args.output, args.in_place)
     if args.report is not None:
-        ensure_output([args.net, args.source, args.weights, args.output], args.report,
-                      args.in_place, "--report")
+        ensure_output([args.net, args.source, args.weights], args.report, args.in_place,
+                      "--report")
+        ensure_distinct(args.output, args.report, "-o and --report")
     net = load(args.net, args.weights)
     source = read_weights(args.source)
     new, report = transplant(net, source, mapping, args.on_mismatch, seed=args.seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli import CliError, emit, ensure_output
+from .cli import CliError, emit, ensure_distinct, ensure_output
 
 __all__ = ["register"]
 
@@ -83,8 +83,7 @@ def _prepare(args: argparse.Namespace) -> Any:
         ensure_output([args.net, weights], out_weights, args.in_place, "--out-weights")
         if weights is None:
             raise CliError("--out-weights needs --weights (the caffemodel to start from)")
-        if out_weights == args.output:
-            raise CliError("-o and --out-weights name the same file")
+        ensure_distinct(args.output, out_weights, "-o and --out-weights")
     return load(args.net, weights)
 
 
@@ -220,6 +219,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         )
     for dst, what in ((output, "output"), (out_weights, "out_weights")):
         ensure_output([net_path, weights, args.recipe], dst, args.in_place, what)
+    ensure_distinct(output, out_weights, "apply: output and out_weights")
     net = None
     if args.net is not None or args.weights is not None or args.no_weights:
         from .caffe_io import load

@@ -176,7 +176,8 @@ def resolve(net: Net, state: NetState | None = None) -> Dataflow:
     nodes: list[Node] = []
     latest: dict[str, Value] = {}
     consumers: dict[int, list[tuple[Node, int]]] = {}
-    available: dict[str, Value] = {}  # insertion-ordered, like Caffe's available_blobs set
+    # Caffe's available_blobs is a std::set (outputs in name order); we keep production order.
+    available: dict[str, Value] = {}
     for net_index, layer in enumerate(net.layers):
         if not layer.is_included(state):  # rule 1
             continue

@@ -234,7 +234,11 @@ class Net:
         )
 
     def index(self, name: str) -> int:
-        """Position of the first layer called ``name``."""
+        """Position of the first layer called ``name``.
+
+        Raises:
+            LayerNotFoundError: no such layer.
+        """
         target = self.layer(name)
         return next(i for i, lay in enumerate(self.layers) if lay is target)
 
@@ -289,18 +293,33 @@ class Net:
             raise NetError(f"a layer named {layer.name!r} already exists; choose another name")
 
     def insert(self, index: int, layer: Layer) -> Layer:
-        """Insert ``layer`` at ``index`` (names must be unique among new layers)."""
+        """Insert ``layer`` at ``index``.
+
+        Raises:
+            NetError: a layer named like ``layer`` already exists.
+        """
         self._check_new_name(layer)
         self.layers.insert(index, layer)
         return layer
 
     def insert_after(self, name: str, layer: Layer) -> Layer:
-        """Insert ``layer`` right after the last layer called ``name``."""
-        idx = max(i for i, lay in enumerate(self.layers) if lay.name == self.layer(name).name)
+        """Insert ``layer`` right after the last layer called ``name``.
+
+        Raises:
+            LayerNotFoundError: no layer called ``name``.
+            NetError: a layer named like ``layer`` already exists.
+        """
+        self.layer(name)  # raises with a did-you-mean
+        idx = max(i for i, lay in enumerate(self.layers) if lay.name == name)
         return self.insert(idx + 1, layer)
 
     def insert_before(self, name: str, layer: Layer) -> Layer:
-        """Insert ``layer`` right before the first layer called ``name``."""
+        """Insert ``layer`` right before the first layer called ``name``.
+
+        Raises:
+            LayerNotFoundError: no layer called ``name``.
+            NetError: a layer named like ``layer`` already exists.
+        """
         return self.insert(self.index(name), layer)
 
     def remove(self, name: str) -> list[Layer]:
@@ -315,7 +334,12 @@ class Net:
         return gone
 
     def rename_layer(self, old: str, new: str) -> None:
-        """Rename every layer called ``old`` (TRAIN/TEST twins together)."""
+        """Rename every layer called ``old`` (TRAIN/TEST twins together).
+
+        Raises:
+            LayerNotFoundError: no layer called ``old``.
+            NetError: ``new`` is already the name of another layer.
+        """
         self.layer(old)
         if old != new and self.layers_named(new):
             raise NetError(f"cannot rename {old!r} to {new!r}: that name is taken")

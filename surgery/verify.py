@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .dataflow import Dataflow, resolve
 from .errors import SurgeryError
 from .net import Net, NetState
 
@@ -288,19 +289,24 @@ def _run_onnxruntime(net: Net, inputs: dict[str, np.ndarray], phase: str, files:
 
 def _run_torch(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
                ) -> dict[str, np.ndarray]:
+    from torch import nn
+
     from .export.torch import run_blobs, to_torch
 
     shapes = {k: v.shape for k, v in inputs.items()}
     module = to_torch(net, phase, shapes, keep_blobs=True)
-    module.eval()  # TEST semantics (Dropout identity, global BatchNorm statistics)
+    # The phase's BatchNorm statistics (global in TEST, the batch's in TRAIN, unless the layer
+    # pins use_global_stats), as the ONNX export; Dropout off, the one random layer.
+    module.train(phase == "TRAIN")
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.eval()
     return run_blobs(module, inputs)
 
 
 def _run_opencv(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
                 ) -> dict[str, np.ndarray]:
     import cv2
-
-    from .dataflow import resolve
 
     if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
         raise _Skip("this OpenCV has no cv2.dnn.readNetFromCaffe (OpenCV 5 removed it)")
@@ -481,9 +487,10 @@ def verify(
         ref_blobs = results.pop(ref_name)
         report.reference = f"{ref_name} (independent)" if ref_name == "opencv" else ref_name
     report.backends = list(results)
-    order = _blob_order(net, phase)
-    det = _detection_blobs(net, phase)
-    splits = _split_names(net, phase)
+    flow = resolve(net, NetState(phase))
+    order = flow.blob_names()
+    det = _detection_blobs(flow)
+    splits = _split_names(flow)
     ref_names = [n for n in order if n in ref_blobs or n in probes]
     ref_names += sorted((set(ref_blobs) | set(probes)) - set(ref_names) - set(feed))
     for b, got in results.items():
@@ -492,7 +499,7 @@ def verify(
             if name in feed:
                 continue
             key = splits.get(name, name)
-            if key not in got and key.split("@")[0] in got and _is_latest(net, phase, key):
+            if key not in got and key.split("@")[0] in got and _is_latest(flow, key):
                 key = key.split("@")[0]
             if key not in got:
                 report.uncompared[b] += 1
@@ -508,41 +515,28 @@ def verify(
     return report
 
 
-def _blob_order(net: Net, phase: str) -> list[str]:
-    from .dataflow import resolve
-
-    return resolve(net, NetState(phase)).blob_names()
-
-
-def _detection_blobs(net: Net, phase: str) -> set[str]:
-    from .dataflow import resolve
-
-    flow = resolve(net, NetState(phase))
+def _detection_blobs(flow: Dataflow) -> set[str]:
     return {v.name for n in flow.nodes if n.layer.type == "DetectionOutput" for v in n.outputs}
 
 
-def _split_names(net: Net, phase: str) -> dict[str, str]:
+def _split_names(flow: Dataflow) -> dict[str, str]:
     """Caffe's inserted split blobs (``<blob>_<layer>_<top>_split_<i>``) -> ``<blob>@<layer>``.
 
-    A split copies the version of ``<blob>`` that ``<layer>`` wrote; it is looked up under the
-    plain blob name when that version is the last one.
+    A split copies the version of ``<blob>`` that ``<layer>`` wrote, one copy per reader (a
+    loss top counts one more); it is looked up under the plain blob name when that version is
+    the last one.
     """
-    from .dataflow import resolve
-
     out: dict[str, str] = {}
-    for node in resolve(net, NetState(phase)).nodes:
+    for node in flow.nodes:
         for v in node.outputs:
-            for i in range(16):
+            for i in range(len(flow.consumers(v)) + 1):
                 out[f"{v.name}_{node.layer.name}_{v.top_index}_split_{i}"] = (
                     f"{v.name}@{node.layer.name}")
     return out
 
 
-def _is_latest(net: Net, phase: str, key: str) -> bool:
-    from .dataflow import resolve
-
+def _is_latest(flow: Dataflow, key: str) -> bool:
     blob, _, layer = key.partition("@")
-    flow = resolve(net, NetState(phase))
     try:
         return flow.latest(blob).producer.layer.name == layer
     except SurgeryError:

@@ -233,6 +233,25 @@ def test_external_data_path(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_failed_save_keeps_the_existing_model_and_data(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    net, feed, _ = _golden("lenet")
+    out = tmp_path / "lenet.onnx"
+    data = tmp_path / "lenet.onnx.data"
+    shapes = {"data": feed["data"].shape}
+    save_onnx(net, out, input_shapes=shapes, external_threshold=1024)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {out.name, data.name}
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise onnx.checker.ValidationError("refused for the test")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    with pytest.raises(SurgeryError, match="checker refused"):
+        save_onnx(net, out, input_shapes=shapes, external_threshold=1024)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_small_model_is_one_file(tmp_path: Path) -> None:
     net, _, _ = _golden("lenet")
     out = tmp_path / "m.onnx"

@@ -245,6 +245,37 @@ def test_dropout_is_inverted_in_train() -> None:
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.75))
 
 
+def test_dropout_without_scale_train() -> None:
+    """The Fast R-CNN fork's scale_train: false: x * mask at TRAIN, x * (1 - p) at TEST."""
+    net = Net("d", [
+        Layer("in", "Input", [], ["x"], attrs={"shape": [{"dim": [1, 1000]}]},
+              param_field="input_param"),
+        Layer("drop", "Dropout", ["x"], ["x"],
+              attrs={"dropout_ratio": 0.25, "scale_train": False}, param_field="dropout_param"),
+    ])
+    gm = to_torch(net, "train")
+    y = gm(torch.ones(1, 1000))
+    kept = y[y != 0]
+    assert 0 < kept.numel() < 1000
+    torch.testing.assert_close(kept, torch.ones_like(kept))
+    gm.eval()
+    torch.testing.assert_close(gm(torch.ones(1, 1000)), torch.full((1, 1000), 0.75))
+
+
+def test_bnll_gradient_is_finite_for_large_inputs() -> None:
+    net = Net("b", [
+        Layer("in", "Input", [], ["x"], attrs={"shape": [{"dim": [1, 6]}]},
+              param_field="input_param"),
+        Layer("bnll", "BNLL", ["x"], ["y"]),
+    ])
+    x = torch.tensor([[-200.0, -50.0, -1.0, 0.0, 50.0, 200.0]], requires_grad=True)
+    y = to_torch(net)(x)
+    y.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    torch.testing.assert_close(x.grad, torch.sigmoid(x.detach()))
+    torch.testing.assert_close(y.detach(), torch.nn.functional.softplus(x.detach()))
+
+
 def test_train_phase_loss_heads() -> None:
     net = Net("l", [
         Layer("in", "Input", [], ["x", "label"],
@@ -293,6 +324,25 @@ def test_unsupported_layers_all_named() -> None:
     with pytest.raises(UnsupportedLayerError) as e:
         to_torch(net)
     assert "'a' (FancyOp)" in str(e.value) and "'b' (OtherOp)" in str(e.value)
+
+
+def test_refused_configurations_all_named() -> None:
+    """Configurations a lowering refuses are collected like unsupported types: one error."""
+    net = Net("c", [
+        Layer("in", "Input", [], ["x"], attrs={"shape": [{"dim": [1, 2, 6, 6]}]},
+              param_field="input_param"),
+        Layer("p1", "Pooling", ["x"], ["p1", "m1"], attrs={"pool": "AVE", "kernel_size": [2],
+                                                           "stride": [2]},
+              param_field="pooling_param"),
+        Layer("r", "ReLU", ["p1"], ["r"]),
+        Layer("p2", "Pooling", ["r"], ["p2", "m2"], attrs={"pool": "AVE", "kernel_size": [2],
+                                                           "stride": [1]},
+              param_field="pooling_param"),
+    ])
+    with pytest.raises(UnsupportedLayerError) as e:
+        to_torch(net)
+    msg = str(e.value)
+    assert msg.startswith("2 layer(s)") and "'p1'" in msg and "'p2'" in msg
 
 
 def test_missing_weights_named(tmp_path: Path) -> None:

@@ -307,3 +307,25 @@ def test_every_table_entry_has_a_case() -> None:
 
 def test_reference_table_covers_the_cases() -> None:
     assert {c.type for c in CASES} <= reference.supported_types()
+
+
+@pytest.mark.parametrize(("attrs", "want"), [
+    ({"axis": 1, "top_k": 2}, [2.0, 1.0]),
+    ({"axis": 1}, [2.0]),
+    ({"top_k": 3, "out_max_val": True}, [2.0, 1.0, 3.0, 5.0, 5.0, 3.0]),
+])
+def test_argmax_ties_take_the_higher_index(attrs: dict[str, Any], want: list[float]) -> None:
+    """Caffe sorts (value, index) pairs with std::greater: among equal values the higher index
+    comes first (torch.topk and ONNX TopK put the lower one first)."""
+    case = Case("argmax_tie", "ArgMax", attrs, [(1, 4, 1, 1)])
+    net = one_layer_net(case, np.random.default_rng(0))
+    feed = {"in0": np.array([3, 5, 5, 3], np.float32).reshape(1, 4, 1, 1)}
+    layer = net.layers[-1]
+    outs = {"reference": reference.forward(layer, [feed["in0"]])[0],
+            "torch": run_blobs(to_torch(net), feed)["out"]}
+    if HAVE_ORT:
+        from surgery.export.onnx import run_onnx, to_onnx
+
+        outs["onnxruntime"] = run_onnx(to_onnx(net), feed, device="cpu")["out"]
+    for name, got in outs.items():
+        assert got.reshape(-1).tolist() == want, name

@@ -274,8 +274,12 @@ def caffe_log(x: torch.Tensor, base: float, scale: float, shift: float) -> torch
 
 
 def caffe_bnll(x: torch.Tensor) -> torch.Tensor:
-    """Caffe's BNLL: log(1 + exp(x)), computed stably."""
-    return torch.where(x > 0, x + torch.log1p(torch.exp(-x)), torch.log1p(torch.exp(x)))
+    """Caffe's BNLL: ``x > 0 ? x + log(1 + exp(-x)) : log(1 + exp(x))``. Each branch sees an
+    argument clamped to its own side, so the branch not taken cannot overflow (that would
+    make the gradient NaN for large ``|x|``); the gradient is ``sigmoid(x)``, 0.5 at 0."""
+    pos = x + torch.log1p(torch.exp(-torch.clamp(x, min=0)))
+    neg = torch.log1p(torch.exp(torch.clamp(x, max=0)))
+    return torch.where(x > 0, pos, neg)
 
 
 def caffe_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -284,10 +288,6 @@ def caffe_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def caffe_swish(x: torch.Tensor, beta: float) -> torch.Tensor:
     return x * torch.sigmoid(x * beta) if beta != 1.0 else x * torch.sigmoid(x)
-
-
-def caffe_flatten(x: torch.Tensor, axis: int, end_axis: int) -> torch.Tensor:
-    return torch.flatten(x, axis, end_axis)
 
 
 def caffe_reshape(x: torch.Tensor, dims: tuple[int, ...], axis: int, num_axes: int) -> torch.Tensor:
@@ -318,13 +318,22 @@ def caffe_tile(x: torch.Tensor, axis: int, tiles: int) -> torch.Tensor:
     return x.repeat(reps)
 
 
+def caffe_topk(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest along ``dim`` in Caffe's order: ``(value, index)`` pairs sorted
+    descending, so among equal values the higher index comes first (``torch.topk`` does not
+    say which)."""
+    n = int(x.shape[dim])
+    vals, rev = torch.sort(x.flip(dim), dim=dim, descending=True, stable=True)
+    return vals.narrow(dim, 0, k), (n - 1) - rev.narrow(dim, 0, k)
+
+
 def caffe_argmax(x: torch.Tensor, top_k: int, out_max_val: bool, axis: int | None) -> torch.Tensor:
     """Caffe's ArgMax (indices as floats; with ``out_max_val`` and no axis: [index; value])."""
     if axis is not None:
-        vals, idx = torch.topk(x, top_k, dim=axis)
+        vals, idx = caffe_topk(x, top_k, axis)
         return vals if out_max_val else idx.to(x.dtype)
     flat = x.reshape(x.shape[0], -1)
-    vals, idx = torch.topk(flat, top_k, dim=1)
+    vals, idx = caffe_topk(flat, top_k, 1)
     out = torch.stack([idx.to(x.dtype), vals], 1) if out_max_val else idx.to(x.dtype)[:, None]
     while out.dim() < max(x.dim(), 3):
         out = out.unsqueeze(-1)

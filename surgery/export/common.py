@@ -45,7 +45,6 @@ from ..layers import ints as _ints
 from ..net import Layer, Net, NetState
 
 __all__ = [
-    "DROPPED_AT_TEST",
     "METRIC_TYPES",
     "ConvGeometry",
     "conv_geometry",
@@ -55,7 +54,6 @@ __all__ = [
     "pool_output_hw",
     "pool_pads",
     "pool_ave_divisor",
-    "torch_native_pool_ok",
     "BatchNormFacts",
     "batch_norm_facts",
     "LRNFacts",
@@ -64,7 +62,6 @@ __all__ = [
     "canonical_axis",
     "crop_offsets",
     "slice_points",
-    "reshape_dims",
     "permute_order",
     "scale_axes",
     "prior_boxes",
@@ -82,8 +79,6 @@ __all__ = [
 
 #: Types that compute metrics or swallow blobs; never lowered.
 METRIC_TYPES = frozenset({"Accuracy", "Silence", "DetectionEvaluate", "HDF5Output"})
-#: Human-readable reason per dropped kind (for notes).
-DROPPED_AT_TEST = "data, loss, accuracy and Silence layers have no meaning at inference"
 
 
 def clean_float(v: float) -> float:
@@ -302,32 +297,6 @@ def pool_ave_divisor(geom: PoolGeometry, in_hw: Sequence[int]) -> np.ndarray:
     return np.outer(sizes[0], sizes[1]).astype(np.float32)
 
 
-def torch_native_pool_ok(geom: PoolGeometry, in_hw: Sequence[int]) -> bool:
-    """True when ``torch.nn.functional.{max,avg}_pool2d(ceil_mode=g.ceil,
-    count_include_pad=True)`` reproduces Caffe exactly for this bottom size.
-
-    PyTorch applies the "last window must start inside" clip on each axis whenever
-    ``ceil_mode`` is set (Caffe: only when a pad is non-zero) and needs ``pad <= kernel/2``;
-    its AVE divisor is Caffe's (window clipped to ``H + p``).
-    """
-    g = geom.resolved(in_hw)
-    assert g.kernel is not None
-    if g.method not in ("MAX", "AVE"):
-        return False
-    for size, k, p, s, want in zip(
-        in_hw, g.kernel, g.pad, g.stride, pool_output_hw(g, in_hw), strict=True
-    ):
-        if p > k // 2:
-            return False
-        span = size + 2 * p - k
-        o = (-(-span // s) if g.ceil else span // s) + 1
-        if g.ceil and (o - 1) * s >= size + p:
-            o -= 1
-        if o != want:
-            return False
-    return True
-
-
 # -- normalization ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchNormFacts:
@@ -433,22 +402,6 @@ def slice_points(layer: Layer, size: int, ntops: int) -> list[int]:
         return [size // ntops] * ntops
     bounds = [0, *points, size]
     return [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def reshape_dims(layer: Layer, bottom: Sequence[int]) -> tuple[int, ...]:
-    """Caffe's Reshape output shape (``0`` copies, ``-1`` infers, ``axis``/``num_axes``)."""
-    shape = attr(layer, "shape", {}) or {}
-    dims = [int(d) for d in (shape.get("dim", []) if isinstance(shape, Mapping) else shape)]
-    axis = int(attr(layer, "axis", 0))
-    num_axes = int(attr(layer, "num_axes", -1))
-    start = axis if axis >= 0 else len(bottom) + axis + 1
-    end = len(bottom) if num_axes == -1 else start + num_axes
-    new = [bottom[start + i] if d == 0 else d for i, d in enumerate(dims)]
-    top = list(bottom[:start]) + new + list(bottom[end:])
-    if -1 in top:
-        known = math.prod(d for d in top if d != -1)
-        top[top.index(-1)] = math.prod(bottom) // max(known, 1)
-    return tuple(int(d) for d in top)
 
 
 def permute_order(layer: Layer, ndim: int) -> list[int]:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -704,16 +706,25 @@ def _dropout(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
         g.op("Mul", [xs[0], g.const("keep", keep)], ys[0])
 
 
+def _caffe_topk(g: _Graph, x: str, k: int, axis: int, size: int) -> tuple[str, str]:
+    """TopK in Caffe's order. Caffe sorts ``(value, index)`` pairs descending, so among equal
+    values the higher index comes first; TopK puts the lower one first. So: reverse the axis,
+    TopK, and map the indices back (``size - 1 - i``)."""
+    rev = g.op("Slice", [x, g.ints("starts", [-1]), g.ints("ends", [-(2**63)]),
+                         g.ints("axes", [axis]), g.ints("steps", [-1])])
+    values, indices = g.op("TopK", [rev, g.ints("k", [k])], None, n_out=2, axis=axis)
+    return values, g.op("Sub", [g.ints("last", [size - 1]), indices])
+
+
 @lowering("ArgMax")
 def _argmax(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
     lay = node.layer
     shape = g.bottom_shape(node)
     top_k = int(attr(lay, "top_k", 1))
     out_max = bool(attr(lay, "out_max_val", False))
-    k = g.ints("k", [top_k])
     if "axis" in lay.attrs:
         axis = _axis(int(lay.attrs["axis"]), len(shape))
-        values, indices = g.op("TopK", [xs[0], k], None, n_out=2, axis=axis)
+        values, indices = _caffe_topk(g, xs[0], top_k, axis, shape[axis])
         if out_max:
             g.identity(values, ys[0])
         else:
@@ -722,7 +733,7 @@ def _argmax(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
     # no axis: per item, the top_k over everything; top shape (N, 1 or 2, top_k, 1...)
     one = [0, 1, top_k] + [1] * (len(g.top_shape(node)) - 3)
     flat = g.op("Flatten", [xs[0]], axis=1)
-    values, indices = g.op("TopK", [flat, k], None, n_out=2, axis=1)
+    values, indices = _caffe_topk(g, flat, top_k, 1, math.prod(shape[1:]))
     idx = g.op("Cast", [indices], to=TensorProto.FLOAT)
     if out_max:
         g.op("Concat", [g.reshape(idx, one), g.reshape(values, one)], ys[0], axis=1)
@@ -741,15 +752,11 @@ def _reduction(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
     axis = _axis(int(attr(lay, "axis", 0)), len(shape))
     coeff = float(attr(lay, "coeff", 1.0))
     op = _REDUCE[str(attr(lay, "operation", "SUM"))]
-    axes = list(range(axis, len(shape)))
-    if not axes:
-        reduced = g.op("Abs", xs) if op == "ReduceL1" else (
-            g.op("Mul", [xs[0], xs[0]]) if op == "ReduceSumSquare" else xs[0])
+    axes = list(range(axis, len(shape)))  # never empty: Caffe needs axis < num_axes
+    if coeff == 1.0:
+        g.reduce(op, xs[0], axes, 0, ys[0])
     else:
-        reduced = g.reduce(op, xs[0], axes, 0, None if coeff != 1.0 else ys[0])
-        if coeff == 1.0:
-            return
-    g.op("Mul", [reduced, g.const("coeff", coeff)], ys[0])
+        g.op("Mul", [g.reduce(op, xs[0], axes, 0), g.const("coeff", coeff)], ys[0])
 
 
 @lowering("MVN")
@@ -1164,7 +1171,8 @@ def save_onnx(
 
     A model whose initializers exceed ``external_threshold`` bytes (default: just under
     protobuf's 2 GiB message limit) keeps them in ``<path>.data`` beside it (ONNX external
-    data). The model file appears only once everything is written and checked.
+    data). Both files are written and checked in a hidden folder beside ``path`` and only then
+    moved into place, so a failure leaves an existing model and its data untouched.
 
     Returns:
         The model (its initializers point to the external file when one was written).
@@ -1177,28 +1185,30 @@ def save_onnx(
     limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     out = Path(path)
     external = sum(t.ByteSize() for t in model.graph.initializer) > limit
-    tmp = out.with_name(f".{out.name}.tmp")
     data = out.with_name(out.name + ".data")
+    staging: Path | None = None
     try:
+        # Both files are written and checked in a hidden folder beside the target, then moved
+        # into place: an existing model (and the .data file it points to) stays intact until
+        # the new one is complete.
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = staging / out.name
         if external:
-            if data.exists():
-                data.unlink()  # save_model appends to an existing file
             onnx.save_model(model, str(tmp), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data.name, size_threshold=0)
             onnx.checker.check_model(str(tmp), full_check=True)
+            os.replace(staging / data.name, data)
         else:
             onnx.checker.check_model(model, full_check=True)
             onnx.save_model(model, str(tmp))
         os.replace(tmp, out)
-    except BaseException as exc:
-        for leftover in (tmp, data if external else None):
-            if leftover is not None and leftover.exists():
-                leftover.unlink()
-        if isinstance(exc, OSError):
-            raise SurgeryError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        if isinstance(exc, onnx.checker.ValidationError):
-            raise SurgeryError(f"{path}: the ONNX checker refused the export: {exc}") from None
-        raise
+    except OSError as exc:
+        raise SurgeryError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    except onnx.checker.ValidationError as exc:
+        raise SurgeryError(f"{path}: the ONNX checker refused the export: {exc}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return model
 
 

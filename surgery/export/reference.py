@@ -284,20 +284,33 @@ def _swish(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     return [xs[0] / (1 + np.exp(-b * xs[0]))]
 
 
-@reference("Dropout", "Split")
+@reference("Split")
 def _identity(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     return [xs[0]] * len(layer.tops)
+
+
+@reference("Dropout")
+def _dropout(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    # TEST: a copy; the Fast R-CNN fork's scale_train: false scales at TEST by 1 / scale_
+    if bool(attr(layer, "scale_train", True)):
+        return [xs[0]]
+    return [xs[0] * (1.0 - float(attr(layer, "dropout_ratio", 0.5)))]
 
 
 # -- normalization ----------------------------------------------------------------------------
 @reference("BatchNorm")
 def _bn(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     x = xs[0]
-    f = float(_blob(layer, 2).reshape(-1)[0])
-    s = 0.0 if f == 0 else 1.0 / f
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = (_blob(layer, 0) * s).reshape(shape)
-    var = (_blob(layer, 1) * s).reshape(shape)
+    if bool(layer.attrs.get("use_global_stats", True)):  # TEST's default
+        f = float(_blob(layer, 2).reshape(-1)[0])
+        s = 0.0 if f == 0 else 1.0 / f
+        mean = (_blob(layer, 0) * s).reshape(shape)
+        var = (_blob(layer, 1) * s).reshape(shape)
+    else:  # use_global_stats: false -- this batch's statistics, var = E((X - EX)^2)
+        axes = (0, *range(2, x.ndim))
+        mean = x.mean(axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axes, keepdims=True)
     return [(x - mean) / np.sqrt(var + float(attr(layer, "eps", 1e-5)))]
 
 
@@ -459,6 +472,15 @@ def _permute(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     return [np.transpose(x, order)]
 
 
+def _caffe_order(x: np.ndarray, axis: int) -> np.ndarray:
+    """Indices sorting ``(value, index)`` pairs descending along ``axis``, as ArgMax's
+    ``std::partial_sort(..., std::greater<std::pair<Dtype, int>>())``: among equal values the
+    higher index comes first."""
+    n = x.shape[axis]
+    rev = np.argsort(-np.flip(x, axis), axis=axis, kind="stable")  # ties: lower flipped index
+    return (n - 1) - rev
+
+
 @reference("ArgMax")
 def _argmax(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     x = xs[0]
@@ -466,11 +488,10 @@ def _argmax(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     omv = bool(attr(layer, "out_max_val", False))
     if "axis" in layer.attrs:
         axis = _axis(int(layer.attrs["axis"]), x.ndim)
-        idx = np.argsort(-x, axis=axis, kind="stable")
-        idx = np.take(idx, np.arange(k), axis=axis)
+        idx = np.take(_caffe_order(x, axis), np.arange(k), axis=axis)
         return [np.take_along_axis(x, idx, axis) if omv else idx.astype(np.float64)]
     flat = x.reshape(x.shape[0], -1)
-    idx = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    idx = _caffe_order(flat, 1)[:, :k]
     vals = np.take_along_axis(flat, idx, 1)
     out = np.stack([idx, vals], 1) if omv else idx[:, None].astype(np.float64)
     while out.ndim < max(x.ndim, 3):

@@ -383,11 +383,15 @@ def _swish(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]
 
 @lowering("Dropout")
 def _dropout(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    # Caffe's Dropout is inverted (x * mask / (1 - p) at TRAIN, a copy at TEST), as
+    # nn.Dropout. The Fast R-CNN fork's scale_train: false scales at TEST instead
+    # (x * mask at TRAIN, x * (1 - p) at TEST): nn.Dropout times (1 - p) in both modes.
+    ratio = float(attr(node.layer, "dropout_ratio", 0.5))
+    name = ctx.add_module(node, nn.Dropout(ratio))
+    y = ctx.call_module(name, [xs[0]])
     if not bool(attr(node.layer, "scale_train", True)):
-        raise UnsupportedLayerError(f"layer {node.layer.name!r}: Dropout with scale_train "
-                                    "false is not exported")
-    name = ctx.add_module(node, nn.Dropout(float(attr(node.layer, "dropout_ratio", 0.5))))
-    return [ctx.call_module(name, [xs[0]])]
+        y = ctx.call(operator.mul, y, 1.0 - ratio)
+    return [y]
 
 
 # -- normalization ----------------------------------------------------------------------------
@@ -662,22 +666,10 @@ _OPT_IN: dict[str, Lowering] = {"DetectionOutput": _detection_output}
 
 
 # -- losses (TRAIN) ---------------------------------------------------------------------------
-def _loss_param(node: Node) -> tuple[int | None, str]:
-    lp = node.layer.extra.get("loss_param", {}) or {}
-    ignore = lp.get("ignore_label")
-    if "normalization" in lp:
-        norm = str(lp["normalization"])
-    elif "normalize" in lp:
-        norm = "VALID" if lp["normalize"] else "BATCH_SIZE"
-    else:
-        norm = "VALID" if node.layer.type == "SoftmaxWithLoss" else "BATCH_SIZE"
-    return (None if ignore is None else int(ignore)), norm
-
-
 @lowering("SoftmaxWithLoss")
 def _softmax_loss(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
     axis = common.canonical_axis(int(attr(node.layer, "axis", 1)), ctx.ndim(node))
-    ignore, norm = _loss_param(node)
+    ignore, norm = common.loss_facts(node.layer)
     out = [ctx.call(rt.caffe_softmax_loss, xs[0], xs[1], axis, ignore, norm)]
     if len(node.layer.tops) > 1:
         out.append(ctx.call(torch.softmax, xs[0], axis))
@@ -691,7 +683,7 @@ def _euclidean_loss(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list
 
 @lowering("SigmoidCrossEntropyLoss")
 def _sigmoid_ce_loss(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
-    ignore, norm = _loss_param(node)
+    ignore, norm = common.loss_facts(node.layer)
     return [ctx.call(rt.caffe_sigmoid_ce_loss, xs[0], xs[1], ignore, norm)]
 
 
@@ -783,7 +775,8 @@ def to_torch(
         ``notes`` (what was dropped).
 
     Raises:
-        UnsupportedLayerError: layers without a lowering (all named at once).
+        UnsupportedLayerError: layers without a lowering, or configurations a lowering
+            refuses (each kind all named at once).
         NetError: missing weights (all named at once), or an input shape needed but unknown.
         ShapeMismatchError: weights or shapes Caffe would refuse.
     """
@@ -806,14 +799,25 @@ def to_torch(
         pname = common.py_identifier(v.name, placeholder_taken | ctx._taken, prefix="in_")
         placeholder_taken.add(pname)
         env[id(v)] = graph.placeholder(pname)
+    refused: list[str] = []  # configurations a lowering refuses, all named in one error
     for node in plan.nodes:
         xs = [env[id(v)] for v in node.inputs]
-        outs = table[node.layer.type](ctx, node, xs)
+        try:
+            outs = table[node.layer.type](ctx, node, xs)
+        except UnsupportedLayerError as exc:
+            refused.append(str(exc))
+            stand_in = xs[0] if xs else graph.placeholder(f"refused_{len(refused)}")
+            outs = [stand_in] * len(node.outputs)  # lets the later lowerings run and report
         if len(outs) != len(node.outputs):
             raise NetError(f"layer {node.layer.name!r}: lowering gave {len(outs)} tops, "
                            f"expected {len(node.outputs)}")
         for v, o in zip(node.outputs, outs, strict=True):
             env[id(v)] = o
+    if refused:
+        raise UnsupportedLayerError(
+            f"{len(refused)} layer(s) use a configuration the PyTorch export does not "
+            f"support: {'; '.join(refused)}. Change these layers (surgery can edit the net)."
+        )
     # fx nodes are named after the tops they compute, in-place versions after their layer
     # (``relu1 = torch.relu_(conv1)``), for a readable .code; see _renamed.
     wanted: dict[fx.Node, str] = {}
@@ -931,6 +935,7 @@ _TORCH_NAMES: dict[Any, str] = {
     nn.functional.leaky_relu: "F.leaky_relu",
     nn.functional.elu: "F.elu",
     operator.add: "operator.add",
+    operator.mul: "operator.mul",
     operator.getitem: "operator.getitem",
 }
 _SAFE_MODULES = {

@@ -155,21 +155,15 @@ def param_shapes(
         NetError: the shapes cannot be inferred in any phase (the message says why).
     """
     lay = net.layer(layer) if isinstance(layer, str) else layer
-    last: Exception | None = None
     for flow, info in _cache if _cache is not None else _infos(net):
         for node in flow.nodes:
-            if node.layer is lay:
-                try:
-                    shapes = info.params(node)
-                except SurgeryError as exc:
-                    last = exc
-                    continue
-                if shapes is not None and all(s is not None for s in shapes):
-                    return [tuple(int(d) for d in s) for s in shapes]
+            # a node missing from node_params has unknown bottom shapes: try the next phase
+            if node.layer is lay and node in info.node_params:
+                return [tuple(int(d) for d in s) for s in info.params(node)]
     raise NetError(
-        f"layer {lay.name!r} ({lay.type}): cannot infer its learnable blob shapes"
-        + (f" ({last})" if last else " (is it included in any phase, with known input shapes?)")
-        + "; give the net an input shape (Input layer or --input-shape)"
+        f"layer {lay.name!r} ({lay.type}): cannot infer its learnable blob shapes (is it "
+        "included in any phase, with known input shapes?); give the net an input shape "
+        "(Input layer or --input-shape)"
     )
 
 

@@ -83,9 +83,10 @@ def _select(
     how: list[str] = []
     if until is not None:
         targets = [until] if isinstance(until, str) else list(until)
+        phase_flows = list(C.flows(net).values())  # resolved once for every --until target
         for name in C.match_globs(net, targets, what="--until"):
             found = False
-            for flow in C.flows(net).values():
+            for flow in phase_flows:
                 node = next((n for n in flow.nodes if n.layer.name == name), None)
                 if node is None:
                     continue

@@ -309,6 +309,6 @@ def apply_recipe(
 def _prefixed(exc: SurgeryError, prefix: str) -> SurgeryError:
     try:
         new = type(exc)(prefix + str(exc))
-    except Exception:  # noqa: BLE001 - an error class with another constructor
+    except TypeError:  # an error class with another constructor
         new = SurgeryError(prefix + str(exc))
     return new
