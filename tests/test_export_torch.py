@@ -260,6 +260,7 @@ def test_dropout_without_scale_train() -> None:
     torch.testing.assert_close(kept, torch.ones_like(kept))
     gm.eval()
     torch.testing.assert_close(gm(torch.ones(1, 1000)), torch.full((1, 1000), 0.75))
+    assert "operator.mul(" in generate_source(gm)  # model.py writes it too
 
 
 def test_bnll_gradient_is_finite_for_large_inputs() -> None:
@@ -448,6 +449,35 @@ def test_hostile_layer_names_generate_safe_code(tmp_path: Path) -> None:
 
 
 # -- PyTorch features -------------------------------------------------------------------------
+@pytest.mark.parametrize("names", [("train", "to", "graph"), ("code", "load_weights",
+                                                               "CAFFE_LR", "state_dict")])
+def test_layer_names_of_module_methods(tmp_path: Path, names: tuple[str, ...]) -> None:
+    """Layers named like an nn.Module / GraphModule / model.py attribute do not shadow it."""
+    rng = np.random.default_rng(0)
+    layers = [Layer("input", "Input", [], ["data"], attrs={"shape": [{"dim": [1, 2, 4, 4]}]},
+                    param_field="input_param")]
+    prev = "data"
+    for n in names:
+        layers.append(Layer(n, "Convolution", [prev], [n],
+                            params=[Param(rng.normal(0, .3, (2, 2, 1, 1)).astype(np.float32)),
+                                    Param(rng.normal(0, .3, (2,)).astype(np.float32))],
+                            attrs={"num_output": 2, "kernel_size": [1]},
+                            param_field="convolution_param"))
+        prev = n
+    net = Net("methods", layers)
+    gm = to_torch(net)
+    x = torch.randn(1, 2, 4, 4)
+    want = gm(x)
+    assert callable(gm.train) and callable(gm.to) and isinstance(gm.code, str)
+    out = save_torch(net, tmp_path / "m")
+    mod = _import(out / "model.py", "gen_methods")
+    model = mod.CaffeNet()
+    model.load_weights(str(out / "weights.safetensors"))
+    model.eval()
+    torch.testing.assert_close(model(x), want)
+    assert {v["layer"] for v in gm.caffe_names.values()} == set(names)
+
+
 def test_torch_compile_eager_backend(tmp_path: Path) -> None:
     gm = _tiny_model(tmp_path)
     x = torch.randn(2, 1, 12, 12)

@@ -119,3 +119,51 @@ def test_compare_rules() -> None:
     assert compare(bad, a)[2] == "non-finite values"
     assert compare(a[::-1], a, as_set=True)[1] == 0.0  # detections: rows as a set
     assert compare(a[::-1], a)[1] > 0
+
+
+def _conv_net(extra: list, readers: int = 1) -> surgery.Net:
+    from surgery.net import Layer, Net
+
+    rng = np.random.default_rng(0)
+    return Net("v", [
+        Layer("input", "Input", [], ["data"], attrs={"shape": [{"dim": [2, 3, 6, 6]}]},
+              param_field="input_param"),
+        Layer("conv1", "Convolution", ["data"], ["conv1"],
+              attrs={"num_output": 4, "kernel_size": [3]}, param_field="convolution_param",
+              params=[Param(rng.normal(size=(4, 3, 3, 3)).astype(np.float32)),
+                      Param(rng.normal(size=4).astype(np.float32))]),
+        *extra,
+    ])
+
+
+def test_split_copies_of_many_readers_are_compared(tmp_path) -> None:
+    """Caffe names one split copy per reader; a blob with 20 readers has ``_split_19``."""
+    from surgery.export import reference
+    from surgery.net import Layer
+
+    net = _conv_net([Layer(f"r{i}", "ReLU", ["conv1"], [f"r{i}"]) for i in range(20)])
+    x = np.random.default_rng(1).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    conv1 = reference.forward(net.layer("conv1"), [x])[0]
+    np.savez(tmp_path / "input.npz", data=x)
+    np.savez(tmp_path / "outputs.npz", conv1_conv1_0_split_19=conv1, r19=np.maximum(conv1, 0))
+    rep = verify(net, golden=tmp_path, backends=["onnxruntime"])
+    assert {r.blob for r in rep.rows} == {"conv1_conv1_0_split_19", "r19"}, rep.table()
+    assert rep.passed and not rep.uncompared["onnxruntime"], rep.table()
+
+
+def test_train_phase_backends_agree_on_batch_statistics() -> None:
+    """In TRAIN a BatchNorm uses the batch's statistics on every backend (Dropout off)."""
+    pytest.importorskip("torch")
+    from surgery.net import Layer
+
+    rng = np.random.default_rng(2)
+    net = _conv_net([
+        Layer("bn", "BatchNorm", ["conv1"], ["conv1"], param_field="batch_norm_param",
+              params=[Param(rng.normal(size=4).astype(np.float32)),
+                      Param(rng.uniform(0.5, 2, size=4).astype(np.float32)),
+                      Param(np.array([1.0], np.float32))]),
+        Layer("drop", "Dropout", ["conv1"], ["conv1"], param_field="dropout_param"),
+    ])
+    rep = verify(net, backends=["onnxruntime", "torch"], phase="TRAIN")
+    assert rep.passed, rep.table()
+    assert {r.blob for r in rep.rows} >= {"conv1"}

@@ -698,7 +698,8 @@ def _softmax(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
 
 @lowering("Dropout")
 def _dropout(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
-    # Caffe's Dropout is inverted: identity at TEST unless scale_train is false
+    # Caffe's Dropout is inverted: identity at TEST unless the fork's scale_train is false
+    # (then x * (1 - p)). TRAIN exports are deterministic: no mask is drawn, as at TEST.
     if attr(node.layer, "scale_train", True):
         g.identity(xs[0], ys[0])
     else:

@@ -89,6 +89,15 @@ def torch_supported_types() -> frozenset[str]:
 
 
 # -- the lowering context ---------------------------------------------------------------------
+#: Names a submodule or buffer must not take, so a layer called ``train``, ``to``, ``graph`` or
+#: ``code`` cannot shadow a method: the public attributes of ``fx.GraphModule`` (and so of
+#: ``nn.Module``), the ones :func:`to_torch` sets, and those of the generated ``model.py`` class.
+_MODULE_ATTRS = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("_")) | {
+    "caffe_names", "caffe_lr", "input_names", "output_names", "loss_weights", "total_loss_key",
+    "notes", "caffe_phase", "CAFFE_LR", "CAFFE_PHASE", "load_weights",
+}
+
+
 @dataclass
 class LoweringContext:
     """What a lowering function may use: the graph, the root module and the plan."""
@@ -102,7 +111,7 @@ class LoweringContext:
     missing: str = "error"
     rng: np.random.Generator | None = None
     keep_blobs: bool = False
-    _taken: set[str] = field(default_factory=set)
+    _taken: set[str] = field(default_factory=lambda: set(_MODULE_ATTRS))
 
     @property
     def phase(self) -> str:
