@@ -33,3 +33,24 @@ def test_readme_main_job_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for cmd in verbs:
         argv = [a.replace("/tmp/", f"{tmp_path}/") for a in shlex.split(cmd)[1:]]
         assert main(argv) == 0, cmd
+
+
+def test_readme_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python API example, on GoogLeNet's train_val with the golden weights."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API") :]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    shared = ROOT.parent / "shared"
+    train_val = shared / "zoo/bvlc_googlenet/train_val.prototxt"
+    weights = shared / "golden/googlenet/weights.caffemodel"
+    code = code.replace('"train_val.prototxt"', repr(str(train_val)))
+    code = code.replace('"pretrained.caffemodel"', repr(str(weights)))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    import surgery
+
+    out = surgery.load(tmp_path / "ft.prototxt", tmp_path / "ft.caffemodel")
+    heads = [lay for lay in out.layers if lay.name.endswith("classifier_ft")]
+    assert len(heads) == 3 and all(h.params[0].data.shape == (7, 1024) for h in heads)
+    assert out.layer("conv1/7x7_s2").params[0].lr_mult == 0
