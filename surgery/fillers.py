@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NetError
-from .layers import WEIGHT_BIAS_TYPES
+from .layers import WEIGHT_BIAS_TYPES, bn_layout
 from .net import Layer
 
 __all__ = ["fill", "layer_fillers", "fill_layer", "FILLER_TYPES", "DEFAULT_SEED"]
@@ -128,6 +128,14 @@ def layer_fillers(layer: Layer) -> list[dict[str, Any]]:
         return [a.get("scale_filler", _CONST1)]
     if t == "BatchNorm":
         return [_CONST0, _CONST0, _CONST0]
+    if t == "BN":
+        # The forks fill slope/scale and bias/shift from bn_param's fillers (an unset filler
+        # is Caffe's constant 0); PSPNet sets the moving mean to 0 and the moving variance
+        # to 1 when frozen, else 0 (bn_layer.cpp LayerSetUp).
+        if bn_layout(layer) == "segnet":
+            return [a.get("scale_filler", _CONST0), a.get("shift_filler", _CONST0)]
+        var = _CONST1 if a.get("frozen", False) else _CONST0
+        return [a.get("slope_filler", _CONST0), a.get("bias_filler", _CONST0), _CONST0, var]
     return []
 
 

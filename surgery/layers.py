@@ -8,6 +8,7 @@ import functools
 import re
 from typing import Any
 
+from .errors import UnsupportedLayerError
 from .net import Layer
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "LEARNABLE_TYPES",
     "is_loss",
     "is_data",
+    "bn_layout",
 ]
 
 # The LayerParameter field holding each type's parameters. Types not listed fall back to
@@ -149,8 +151,14 @@ LEARNABLE_TYPES = frozenset(
         "Embed",
         "Normalize",
         "Parameter",
+        "BN",  # fork type: 4 or 2 blobs, see bn_layout
     }
 )
+
+# The fork ``BN`` layer's ``bn_param`` fields. Our proto holds PSPNet's BNParameter
+# (yjxiong/caffe, hszhao/PSPNet); SegNet's fields can only be set through the API.
+_BN_PSPNET_FIELDS = ("slope_filler", "bias_filler", "momentum", "eps", "frozen", "engine")
+_BN_SEGNET_FIELDS = ("scale_filler", "shift_filler", "bn_mode")
 
 
 def ints(v: Any) -> list[int]:
@@ -169,6 +177,46 @@ def floats(v: Any) -> list[float]:
     if isinstance(v, (list, tuple)):
         return [float(x) for x in v]
     return [float(v)]
+
+
+def bn_layout(layer: Layer) -> str:
+    """Which fork's ``BN`` ``layer`` is: ``"pspnet"`` or ``"segnet"``.
+
+    PSPNet's BN (hszhao/PSPNet ``bn_layer.cpp``, from yjxiong/caffe) has 4 blobs of shape
+    (1, C, 1, 1): slope, bias, moving mean, moving variance. SegNet's
+    (alexgkendall/caffe-segnet ``bn_layer.cpp``) has 2: scale, shift. Rules:
+
+    1. Loaded blobs decide: 4 -> pspnet, 2 -> segnet; any other count is ambiguous.
+    2. Without weights, the ``bn_param`` fields the layer sets decide: SegNet's
+       (``scale_filler``, ``shift_filler``, ``bn_mode``) -> segnet; otherwise pspnet (the
+       BNParameter our proto reads from files is PSPNet's).
+    3. Fields of both forks, or one fork's fields with the other's blob count, are ambiguous.
+
+    Raises:
+        UnsupportedLayerError: the layout is ambiguous (says what conflicts).
+    """
+    psp = [k for k in _BN_PSPNET_FIELDS if k in layer.attrs]
+    seg = [k for k in _BN_SEGNET_FIELDS if k in layer.attrs]
+    n = sum(1 for p in layer.params if p.data is not None)
+    by_blobs = {4: "pspnet", 2: "segnet"}.get(n) if n else None
+    by_fields = "segnet" if seg else ("pspnet" if psp else None)
+    problem = None
+    if n and by_blobs is None:
+        problem = (f"{n} loaded blob(s), but PSPNet's BN has 4 (slope, bias, mean, variance) "
+                   "and SegNet's 2 (scale, shift)")
+    elif psp and seg:
+        problem = (f"bn_param mixes PSPNet's fields ({', '.join(psp)}) and SegNet's "
+                   f"({', '.join(seg)})")
+    elif by_blobs and by_fields and by_blobs != by_fields:
+        fields = ", ".join(seg or psp)
+        problem = (f"{n} loaded blobs ({by_blobs}'s layout) but bn_param sets {by_fields}'s "
+                   f"fields ({fields})")
+    if problem:
+        raise UnsupportedLayerError(
+            f"layer {layer.name!r} (BN): cannot tell which fork's BN this is: {problem}. "
+            "Fix the weights or the bn_param fields for one fork."
+        )
+    return by_blobs or by_fields or "pspnet"
 
 
 def is_loss(layer: Layer) -> bool:

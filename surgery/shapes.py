@@ -29,7 +29,7 @@ from typing import Any
 from .dataflow import Dataflow, Node, Value
 from .errors import ShapeMismatchError, UnsupportedLayerError
 from .layers import LOSS_TYPES as _LAYER_LOSS_TYPES
-from .layers import attr
+from .layers import attr, bn_layout
 from .layers import floats as _floats
 from .layers import ints as _ints
 from .net import Layer
@@ -756,10 +756,16 @@ shape_rule(
     "Dropout",
     "Softmax",
     "MVN",
-    # PSPNet/SegNet fork BN: same shape; its blob layout differs between forks (2 or 4 blobs
-    # of (1, C, 1, 1)), so it has no param rule and loaded weights are not checked.
-    "BN",
+    "BN",  # PSPNet/SegNet fork BN
 )(_same)
+
+
+@param_rule("BN")
+def _bn_params(layer: Layer, bottoms: list[Shape]) -> list[Shape]:
+    # PSPNet: slope, bias, moving mean, moving variance; SegNet: scale, shift (see bn_layout)
+    b = bottoms[0]
+    c = b[1] if len(b) > 1 else 1
+    return [(1, c, 1, 1)] * (4 if bn_layout(layer) == "pspnet" else 2)
 
 
 @shape_rule("Split")

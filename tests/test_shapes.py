@@ -358,11 +358,46 @@ def test_split_and_silence() -> None:
         (L("Normalize", channel_shared=False), [(1, 512, 38, 38)], [(512,)]),
         (L("ReLU"), [(1, 5)], []),
         (L("LRN", local_size=5), [(1, 5, 4, 4)], []),
+        (L("BN"), [(2, 16, 5, 5)], [(1, 16, 1, 1)] * 4),  # PSPNet: slope, bias, mean, var
+        (L("BN", frozen=True, eps=1e-4), [(2, 16, 5, 5)], [(1, 16, 1, 1)] * 4),
+        (L("BN", bn_mode="INFERENCE"), [(2, 16, 5, 5)], [(1, 16, 1, 1)] * 2),  # SegNet
     ],
 )
 def test_learnable_shapes(layer: Layer, bottoms: list, params: list) -> None:
     assert top_shapes(layer, bottoms) == [bottoms[0]]
     assert param_shapes(layer, bottoms) == params
+
+
+def test_fork_bn_layout_fillers_and_count() -> None:
+    import numpy as np
+
+    from surgery.fillers import fill_layer, layer_fillers
+    from surgery.ops._common import learnable_count
+
+    blob = np.zeros((1, 16, 1, 1), np.float32)
+    segnet = L("BN")
+    segnet.params = [Param(data=blob), Param(data=blob)]  # loaded blobs decide: SegNet's 2
+    assert param_shapes(segnet, [(2, 16, 5, 5)]) == [(1, 16, 1, 1)] * 2
+    assert learnable_count(segnet) == 2 and learnable_count(L("BN")) == 4
+    # fillers as the forks' LayerSetUp: an unset filler is constant 0; PSPNet's stored
+    # variance starts at 1 when frozen, else 0
+    one = {"type": "constant", "value": 1.0}
+    frozen = L("BN", slope_filler=one, frozen=True)
+    blobs = fill_layer(frozen, [(1, 3, 1, 1)] * 4, np.random.default_rng(0))
+    assert [b.ravel().tolist() for b in blobs] == [[1.0] * 3, [0.0] * 3, [0.0] * 3, [1.0] * 3]
+    assert layer_fillers(L("BN"))[3] == {"type": "constant", "value": 0.0}
+    assert layer_fillers(L("BN", scale_filler=one, bn_mode="LEARN"))[0] == one
+    # a layout no fork has, or fields of one fork with the other's blobs: one clear error
+    for bad, what in [
+        (L("BN"), "3 loaded blob"),
+        (L("BN", frozen=True), "bn_param sets pspnet's fields"),
+        (L("BN", frozen=True, bn_mode="INFERENCE"), "mixes PSPNet's fields"),
+    ]:
+        bad.params = [Param(data=blob)] * (3 if what.startswith("3") else 2 if "sets" in what
+                                           else 0)
+        with pytest.raises(UnsupportedLayerError, match=what) as info:
+            param_shapes(bad, [(2, 16, 5, 5)])
+        assert "'bn1'" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,11 @@ CASES: list[Case] = [
          [(1, 2, 9, 8)]),
     Case("interp_to_one", "Interp", {"height": 1, "width": 4}, [(1, 2, 5, 6)]),
     Case("shuffle_channel", "ShuffleChannel", {"group": 3}, [(2, 12, 3, 2)]),
+    # the forks' BN: PSPNet's 4 blobs (random stats), SegNet's 2 (bn_mode set through the API)
+    Case("bn_pspnet", "BN", {"eps": 1e-3}, [A4]),
+    Case("bn_pspnet_frozen", "BN", {"frozen": True, "momentum": 0.95}, [(1, 4, 5, 3)]),
+    Case("bn_segnet_inference", "BN", {"bn_mode": "INFERENCE"}, [A4]),
+    Case("bn_segnet_learn", "BN", {"bn_mode": "LEARN"}, [A4]),
     Case("axpy", "Axpy", {}, [(2, 3, 1, 1), A4, A4]),
     # semantics the goldens do not reach
     Case("pool_ave_clip_unpadded_axis", "Pooling", {"pool": "AVE", "kernel_h": 3, "kernel_w": 1,
@@ -233,7 +238,7 @@ def one_layer_net(case: Case, rng: np.random.Generator) -> Net:
     for i, shape in enumerate(shapes):
         if i in case.blobs:
             data = np.asarray(case.blobs[i], np.float32).reshape(shape)
-        elif case.type == "BatchNorm" and i == 1:
+        elif (case.type, i) in (("BatchNorm", 1), ("BN", 3)):
             data = rng.uniform(0.5, 2.0, shape).astype(np.float32)  # variances
         else:
             data = rng.normal(0, 0.5, shape).astype(np.float32)

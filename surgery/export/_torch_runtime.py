@@ -141,6 +141,55 @@ class CaffeBatchNorm(nn.Module):
                 f"use_global_stats={self.use_global_stats}")
 
 
+class CaffeBN(nn.Module):
+    """The forks' BN layer: normalisation with its own per-channel scale and shift.
+
+    ``mode``: ``"pspnet"`` (hszhao/PSPNet: stored statistics when ``frozen`` or in eval, else
+    this batch's mean and biased variance, the stored ones updated as
+    ``momentum * stored + (1 - momentum) * batch``), ``"learn"`` (SegNet LEARN: this batch's
+    statistics in both modes, ``var = E(x^2) - E(x)^2``) or ``"inference"`` (SegNet
+    INFERENCE: ``x * weight + bias``). Then ``(x - mean) * (var + eps)^-0.5 * weight + bias``.
+    """
+
+    def __init__(self, num_features: int, mode: str, eps: float = 1e-5, momentum: float = 0.9,
+                 frozen: bool = False) -> None:
+        super().__init__()
+        self.mode = mode
+        self.eps = eps
+        self.momentum = momentum
+        self.frozen = frozen
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        if mode == "pspnet":
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        w, b = self.weight.reshape(shape), self.bias.reshape(shape)
+        if self.mode == "inference":
+            return x * w + b
+        if self.mode == "pspnet" and (self.frozen or not self.training):
+            mean, var = self.running_mean.reshape(shape), self.running_var.reshape(shape)
+        else:
+            axes = [0] + list(range(2, x.dim()))
+            mean = x.mean(axes, keepdim=True)
+            if self.mode == "learn":
+                var = (x * x).mean(axes, keepdim=True) - mean * mean
+            else:
+                var = ((x - mean) ** 2).mean(axes, keepdim=True)
+                if self.training:
+                    with torch.no_grad():
+                        m = self.momentum
+                        self.running_mean.mul_(m).add_((1 - m) * mean.detach().reshape(-1))
+                        self.running_var.mul_(m).add_((1 - m) * var.detach().reshape(-1))
+        return (x - mean) * torch.pow(var + self.eps, -0.5) * w + b
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.numel()}, mode={self.mode!r}, eps={self.eps}, "
+                f"momentum={self.momentum}, frozen={self.frozen}")
+
+
 def caffe_broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     """View a Scale/Bias factor covering axes axis..axis+t.dim()-1 of an ndim-axis blob."""
     return t.reshape((1,) * axis + tuple(t.shape) + (1,) * (ndim - axis - t.dim()))

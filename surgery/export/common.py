@@ -23,6 +23,14 @@ Caffe rules reproduced here (see ``CAFFE_RULES.md``):
    ``moving_average_fraction`` (PyTorch momentum ``1 - maf``).
 4. LRN ACROSS_CHANNELS: ``x / (k + alpha/n * sum_n x^2)^beta``; WITHIN_CHANNEL:
    ``x / (1 + alpha * avgpool_nxn(x^2))^beta`` with pad ``(n-1)/2`` (k ignored).
+5. The forks' BN (:func:`surgery.layers.bn_layout`). PSPNet (hszhao/PSPNet, yjxiong/caffe
+   ``bn_layer.cpp``), blobs ``[slope, bias, mean, var]``: with ``frozen`` or in TEST
+   ``y = slope * (x - mean) * (var + eps)^-0.5 + bias`` (var is the variance); in TRAIN
+   unfrozen, this batch's mean and biased variance over (N, H, W), the stored ones updated as
+   ``m * stored + (1 - m) * batch`` (``momentum`` m). SegNet (alexgkendall/caffe-segnet),
+   blobs ``[scale, shift]``: ``bn_mode: INFERENCE`` gives ``y = scale * x + shift``; LEARN
+   (the default, in every phase) normalises by this batch's statistics,
+   ``var = E(x^2) - E(x)^2``, eps fixed at 1e-9, then scales and shifts.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import numpy as np
 
 from ..dataflow import Dataflow, Node, Value, resolve
 from ..errors import NetError, UnsupportedLayerError
-from ..layers import attr, is_data, is_loss
+from ..layers import attr, bn_layout, is_data, is_loss
 from ..layers import floats as _floats
 from ..layers import ints as _ints
 from ..net import Layer, Net, NetState
@@ -56,6 +64,8 @@ __all__ = [
     "pool_ave_divisor",
     "BatchNormFacts",
     "batch_norm_facts",
+    "BNFacts",
+    "bn_facts",
     "LRNFacts",
     "lrn_facts",
     "eltwise_facts",
@@ -344,6 +354,69 @@ def batch_norm_facts(layer: Layer) -> BatchNormFacts:
         eps=float(attr(layer, "eps", 1e-5)),
         use_global_stats=None if ugs is None else bool(ugs),
         momentum=1.0 - clean_float(attr(layer, "moving_average_fraction", 0.999)),
+    )
+
+
+@dataclass(frozen=True)
+class BNFacts:
+    """Rule 5: what the forks' BN layer computes.
+
+    Attributes:
+        layout: ``"pspnet"`` (4 blobs) or ``"segnet"`` (2 blobs).
+        scale: slope/scale per channel (C,), float32, or None without weights.
+        shift: bias/shift per channel (C,), or None.
+        mean: PSPNet's stored mean (C,), or None (SegNet, or no weights).
+        var: PSPNet's stored variance (C,), or None.
+        eps: added to the variance (PSPNet ``eps``; SegNet's fixed 1e-9).
+        frozen: PSPNet ``frozen``: the stored statistics in every phase.
+        momentum: PSPNet ``momentum`` m: ``stored = m * stored + (1 - m) * batch``.
+        mode: SegNet ``bn_mode`` (``"LEARN"``/``"INFERENCE"``); None for PSPNet.
+    """
+
+    layout: str
+    scale: np.ndarray | None
+    shift: np.ndarray | None
+    mean: np.ndarray | None
+    var: np.ndarray | None
+    eps: float
+    frozen: bool
+    momentum: float
+    mode: str | None
+
+    def global_stats(self, phase: str) -> bool:
+        """Whether the stored statistics are used in ``phase`` (SegNet has none)."""
+        if self.layout == "segnet":
+            return False
+        return self.frozen or phase.upper() == "TEST"
+
+
+def bn_facts(layer: Layer) -> BNFacts:
+    """Rule 5 for one BN layer.
+
+    Raises:
+        UnsupportedLayerError: the fork cannot be told (:func:`surgery.layers.bn_layout`).
+    """
+    layout = bn_layout(layer)
+    n = 4 if layout == "pspnet" else 2
+    blobs = [p.data for p in layer.params[:n]]
+    vals: list[np.ndarray | None] = [None] * 4
+    if len(blobs) == n and all(b is not None for b in blobs):
+        for i, b in enumerate(blobs):
+            vals[i] = np.asarray(b, np.float32).reshape(-1)
+    if layout == "segnet":
+        raw = layer.attrs.get("bn_mode", "LEARN")
+        mode = {0: "LEARN", 1: "INFERENCE"}.get(raw, str(raw).upper()) if not isinstance(
+            raw, bool) else str(raw)
+        if mode not in ("LEARN", "INFERENCE"):
+            raise UnsupportedLayerError(f"layer {layer.name!r} (BN): bn_mode {raw!r}; SegNet's "
+                                        "BN knows LEARN and INFERENCE")
+        return BNFacts(layout, vals[0], vals[1], None, None, 1e-9, False, 0.0, mode)
+    return BNFacts(
+        layout, vals[0], vals[1], vals[2], vals[3],
+        eps=clean_float(attr(layer, "eps", 1e-5)),
+        frozen=bool(attr(layer, "frozen", False)),
+        momentum=clean_float(attr(layer, "momentum", 0.9)),
+        mode=None,
     )
 
 

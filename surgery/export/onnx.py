@@ -51,6 +51,7 @@ from ..shapes import Shape, ShapeInfo, infer
 from .common import (
     PoolGeometry,
     batch_norm_facts,
+    bn_facts,
     conv_geometry,
     loss_facts,
     lrn_facts,
@@ -499,6 +500,40 @@ def _batch_norm(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
     var = g.reduce("ReduceMean", g.op("Mul", [centered, centered]), axes, 1)
     std = g.op("Sqrt", [g.op("Add", [var, g.const("eps", facts.eps)])])
     g.op("Div", [centered, std], ys[0])
+
+
+def _check_fork_bn(g: _Graph, node: Node) -> str | None:
+    try:
+        bn_facts(node.layer)
+    except UnsupportedLayerError as exc:
+        return str(exc)
+    return None
+
+
+@lowering("BN", check=_check_fork_bn)
+def _fork_bn(g: _Graph, node: Node, xs: list[str], ys: list[str]) -> None:
+    f = bn_facts(node.layer)  # rule 5
+    shape = g.bottom_shape(node)
+    c = shape[1] if len(shape) > 1 else 1
+    bshape = [1, c] + [1] * (len(shape) - 2)
+    scale, shift = g.weight(node, 0, bshape), g.weight(node, 1, bshape)
+    if f.layout == "segnet" and f.mode == "INFERENCE":
+        g.op("Add", [g.op("Mul", [xs[0], scale]), shift], ys[0])
+        return
+    if f.global_stats(g.phase):
+        mean, var = g.weight(node, 2, bshape), g.weight(node, 3, bshape)
+    else:  # this batch's statistics
+        axes = [0] + list(range(2, len(shape)))
+        mean = g.reduce("ReduceMean", xs[0], axes, 1)
+        if f.layout == "segnet":  # E(X^2) - E(X)^2
+            sq = g.reduce("ReduceMean", g.op("Mul", [xs[0], xs[0]]), axes, 1)
+            var = g.op("Sub", [sq, g.op("Mul", [mean, mean])])
+        else:
+            d = g.op("Sub", [xs[0], mean])
+            var = g.reduce("ReduceMean", g.op("Mul", [d, d]), axes, 1)
+    inv_std = g.op("Pow", [g.op("Add", [var, g.const("eps", f.eps)]), g.const("pow", -0.5)])
+    norm = g.op("Mul", [g.op("Sub", [xs[0], mean]), inv_std])
+    g.op("Add", [g.op("Mul", [norm, scale]), shift], ys[0])
 
 
 def _scale_axes(g: _Graph, node: Node, other: Shape) -> tuple[int, int]:

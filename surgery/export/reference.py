@@ -314,6 +314,30 @@ def _bn(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     return [(x - mean) / np.sqrt(var + float(attr(layer, "eps", 1e-5)))]
 
 
+@reference("BN")
+def _fork_bn(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """The forks' BN at TEST, from their ``bn_layer.cpp`` Forward_cpu."""
+    x = xs[0]
+    n, c = x.shape[:2]
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    blobs = [p for p in layer.params if p.data is not None]
+    scale = _blob(layer, 0).reshape(shape)
+    shift = _blob(layer, 1).reshape(shape)
+    if len(blobs) == 4:
+        # hszhao/PSPNet: TEST (or frozen) copies blobs 2/3, adds eps, powx(-0.5), multiplies
+        mean = _blob(layer, 2).reshape(shape)
+        inv_std = (_blob(layer, 3) + float(attr(layer, "eps", 1e-5))) ** -0.5
+        return [(x - mean) * inv_std.reshape(shape) * scale + shift]
+    if str(layer.attrs.get("bn_mode", "LEARN")) in ("INFERENCE", "1"):
+        return [x * scale + shift]  # caffe-segnet INFERENCE: scale, then shift
+    # caffe-segnet LEARN (every phase): E(X) and E(X^2) over the spatial axes, then the batch
+    flat = x.reshape(n, c, -1)
+    mean = flat.mean(2).mean(0)
+    var = (flat**2).mean(2).mean(0) - mean**2
+    norm = (x - mean.reshape(shape)) / np.sqrt(var + 1e-9).reshape(shape)
+    return [norm * scale + shift]
+
+
 @reference("LRN")
 def _lrn(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     x = xs[0]

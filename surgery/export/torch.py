@@ -424,6 +424,25 @@ def _batch_norm(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.
     return [ctx.call_module(name, [xs[0]])]
 
 
+@lowering("BN")
+def _fork_bn(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    f = common.bn_facts(node.layer)  # rule 5; UnsupportedLayerError when the fork is unclear
+    shape = ctx.shape(node.inputs[0])
+    c = shape[1] if shape and len(shape) > 1 else 1
+    if f.layout == "pspnet":
+        mode = "pspnet"
+    else:
+        mode = "inference" if f.mode == "INFERENCE" else "learn"
+    mod = rt.CaffeBN(c, mode, f.eps, f.momentum, f.frozen)
+    name = ctx.add_module(node, mod)
+    ctx.set_param(node, name, "weight", 0, ctx.blob(node, 0, (1, c, 1, 1)).reshape(c))
+    ctx.set_param(node, name, "bias", 1, ctx.blob(node, 1, (1, c, 1, 1)).reshape(c))
+    if mode == "pspnet":
+        for i, buf in ((2, "running_mean"), (3, "running_var")):
+            ctx.set_buffer(node, name, buf, i, ctx.blob(node, i, (1, c, 1, 1)).reshape(c))
+    return [ctx.call_module(name, [xs[0]])]
+
+
 @lowering("LRN")
 def _lrn(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
     f = common.lrn_facts(node.layer)
@@ -995,6 +1014,9 @@ def _module_ctor(mod: nn.Module) -> str:
         return (f"CaffeBatchNorm({mod.running_mean.numel()}, eps={_lit(float(mod.eps))}, "
                 f"momentum={_lit(float(mod.momentum))}, "
                 f"use_global_stats={_lit(mod.use_global_stats)})")
+    if isinstance(mod, rt.CaffeBN):
+        return (f"CaffeBN({mod.weight.numel()}, {_lit(mod.mode)}, eps={_lit(float(mod.eps))}, "
+                f"momentum={_lit(float(mod.momentum))}, frozen={_lit(mod.frozen)})")
     if isinstance(mod, (rt.CaffeScale, rt.CaffeScale2)):
         shape = tuple(mod.weight.shape) if isinstance(mod, rt.CaffeScale) else (
             tuple(mod.bias.shape) if mod.bias is not None else ())

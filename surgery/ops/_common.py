@@ -172,10 +172,11 @@ def learnable_count(layer: Layer) -> int:
 
     Convolution/Deconvolution/InnerProduct/Embed: weight, plus bias unless ``bias_term:
     false``; Scale: the scale (unless it comes as a second bottom) plus bias with ``bias_term``;
-    Bias: 1 unless a second bottom; PReLU, Normalize, Parameter: 1; BatchNorm: 3. Other types:
+    Bias: 1 unless a second bottom; PReLU, Normalize, Parameter: 1; BatchNorm: 3; the forks' BN:
+    4 (PSPNet) or 2 (SegNet), see :func:`surgery.layers.bn_layout`. Other types:
     the loaded blobs (fork types), else 0.
     """
-    from ..layers import attr
+    from ..layers import attr, bn_layout
 
     t = layer.type
     if t in WEIGHT_BIAS_TYPES:
@@ -188,6 +189,8 @@ def learnable_count(layer: Layer) -> int:
         return 1
     if t == "BatchNorm":
         return 3
+    if t == "BN":
+        return 4 if bn_layout(layer) == "pspnet" else 2
     return sum(1 for p in layer.params if p.data is not None)
 
 
