@@ -74,6 +74,37 @@ def test_zoo_net_matches_everywhere(rel: str, shapes: dict | None, what: str,
         assert res.inputs == {k: list(v) for k, v in shapes.items()}
 
 
+def test_pspnet_fork_bn_matches(tmp_path: Path) -> None:
+    """PSPNet-50 (60 fork ``BN`` layers, Interp by size and by zoom) through the sweep.
+
+    The pyramid pools conv5_3 (60x60 at 473x473) with kernels 60/30/20/10 and resizes back to
+    a fixed 60x60, so no smaller input is valid: the pyramid is scaled to a 6x6 conv5_3
+    (kernels 6/3/2/1, Interp to 6x6) and the net run at 41x41. Every other layer is the
+    zoo's own.
+    """
+    import surgery
+
+    path = ZOO / "pspnet50_ade20k" / "pspnet50_ADE20K_473.prototxt"
+    if not path.exists():
+        pytest.skip(f"{path} is not in ../shared/zoo")
+    net = surgery.load(path)
+    assert sum(lay.type == "BN" for lay in net.layers) == 60
+    for lay in net.layers:
+        if lay.type == "Pooling" and lay.bottoms == ["conv5_3"]:
+            for key in ("kernel_size", "stride"):
+                v = lay.attrs[key]
+                lay.attrs[key] = [x // 10 for x in v] if isinstance(v, list) else v // 10
+        elif lay.type == "Interp" and "height" in lay.attrs:
+            lay.attrs["height"] = lay.attrs["width"] = 6
+    small = tmp_path / "pspnet50_small.prototxt"
+    surgery.save(net, small)
+    res = zoo_convert.convert(small, tmp_path / "out", input_shapes={"data": (1, 3, 41, 41)},
+                              opencv=False)
+    assert res.status == "ok", (res.status, res.notes[-3:])
+    assert res.torch_vs_onnx is not None and res.torch_vs_onnx <= 1e-4
+    assert res.compared["torch/onnx"] > 100
+
+
 def test_random_weights_are_never_all_zero() -> None:
     import numpy as np
 

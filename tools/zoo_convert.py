@@ -196,6 +196,8 @@ def fill_random(net: Any, flow: Any, info: Any, seed: int) -> list[str]:
             fillers = sweep_fillers(lay)
             blobs = [fill(fillers[i] if i < len(fillers) else {"type": "gaussian", "std": 0.01},
                           s, rng) for i, s in enumerate(shapes)]
+            if lay.type == "BN" and len(blobs) == 4:  # PSPNet's stored variance: 1
+                blobs[3] = np.ones(shapes[3], np.float32)
         for i, b in enumerate(blobs):  # blobs shared by param name are one blob in Caffe
             key = lay.params[i].name if i < len(lay.params) else None
             if key and key in shared and shared[key].shape == b.shape:
