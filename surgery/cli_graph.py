@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from .cli import CliError, emit, ensure_distinct, ensure_output
+from .errors import did_you_mean
 
 __all__ = ["register"]
 
@@ -87,27 +88,47 @@ def cmd_transplant(args: argparse.Namespace) -> int:
     from .ops.transplant import transplant
 
     mapping = _mapping(args.map)
-    ensure_output([args.net, args.source, args.weights], args.output, args.in_place)
+    # `--from a,b` (or --from a --from b) is `caffe train -weights a,b`: later files override.
+    sources = [s for item in args.source for s in item.split(",") if s]
+    inputs = [args.net, args.weights, *sources]
+    ensure_output(inputs, args.output, args.in_place)
     if args.report is not None:
-        ensure_output([args.net, args.source, args.weights], args.report, args.in_place,
-                      "--report")
+        ensure_output(inputs, args.report, args.in_place, "--report")
         ensure_distinct(args.output, args.report, "-o and --report")
     net = load(args.net, args.weights)
-    source = read_weights(args.source)
-    new, report = transplant(net, source, mapping, args.on_mismatch, seed=args.seed)
+    scanned = [read_weights(src) for src in sources]
+    if len(scanned) > 1:  # a --map key must name a layer of at least one source
+        names = {r.name for wf in scanned for r in wf.layers}
+        for key in mapping:
+            if key not in names:
+                raise CliError(f"--map {key}={mapping[key]}: no source caffemodel has a layer "
+                               f"{key!r}" + did_you_mean(key, names))
+    new, reports = net, []
+    for wf in scanned:
+        layer_names = {r.name for r in wf.layers}
+        own = mapping if len(scanned) == 1 else {
+            k: v for k, v in mapping.items() if k in layer_names
+        }
+        new, report = transplant(new, wf, own, args.on_mismatch, seed=args.seed)
+        reports.append(report)
     save(new, weights=args.output)
-    data = report.as_dict()
+    data = reports[-1].as_dict() if len(reports) == 1 else {
+        "op": "transplant", "sources": [r.as_dict() for r in reports]}
     data.update(output=args.output)
     if args.report is not None:
         write_text_atomic(args.report, json.dumps(data, indent=1, default=str) + "\n")
-    c = report.data["counts"]
-    summary = (
-        f"\n{c['copied']} copied, {c['reinitialised']} re-initialised, {c['skipped']} skipped, "
-        f"{c['filled']} filled from fillers, {c['unused']} unused source layer(s); "
-        f"{report.data['bytes']['copied']:,} bytes copied\nwrote {args.output}"
-        + (f" and {args.report}" if args.report else "")
-    )
-    emit(data, report.text() + summary, args.json)
+    lines = []
+    for src, report in zip(sources, reports, strict=True):
+        c = report.data["counts"]
+        head = f"from {src}:\n" if len(sources) > 1 else ""
+        lines.append(
+            head + report.text()
+            + f"\n{c['copied']} copied, {c['reinitialised']} re-initialised, "
+            f"{c['skipped']} skipped, {c['filled']} filled from fillers, {c['unused']} unused "
+            f"source layer(s); {report.data['bytes']['copied']:,} bytes copied"
+        )
+    summary = f"\nwrote {args.output}" + (f" and {args.report}" if args.report else "")
+    emit(data, "\n".join(lines) + summary, args.json)
     return 0
 
 
@@ -161,7 +182,11 @@ def register(sub: Any) -> None:
         "without a source get values from their fillers.",
     )
     p.add_argument("net", help="NET.prototxt (the target definition)")
-    p.add_argument("--from", dest="source", required=True, metavar="SRC.caffemodel")
+    p.add_argument(
+        "--from", dest="source", required=True, action="append", metavar="SRC.caffemodel",
+        help="source weights; several (a,b or repeated) are applied in order, later ones "
+        "overriding, as `caffe train -weights a,b`",
+    )
     p.add_argument("-o", "--output", required=True, help="OUT.caffemodel")
     p.add_argument("--weights", help="start from these weights for NET (later ones override)")
     p.add_argument("--map", action="append", metavar="SRC=DST",

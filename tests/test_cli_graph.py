@@ -221,3 +221,32 @@ def test_transplant_report_may_not_replace_the_output(tmp_path, capsys):
                       "-o", out, "--report", out, "--in-place")
     _one_line_error(rc, err, "-o and --report name the same file")
     assert not out.exists()
+
+
+def test_transplant_from_several_sources_later_overrides(tmp_path, capsys):
+    """`--from a,b` is `caffe train -weights a,b`: layers in b override a, others keep a."""
+    import numpy as np
+
+    from surgery import caffe_io
+    from surgery.ops import transplant
+
+    from .conftest import GOLDEN
+
+    g = GOLDEN / "lenet"
+    net = caffe_io.load(g / "net.prototxt", g / "weights.caffemodel")
+    # b: only ip2, with different values
+    only_ip2 = caffe_io.load(g / "net.prototxt")
+    only_ip2.layers = [lay for lay in only_ip2.layers if lay.name == "ip2"]
+    only_ip2.layers[0].params[0].data = np.full((10, 500), 0.5, np.float32)
+    only_ip2.layers[0].params[1].data = np.full(10, 0.25, np.float32)
+    b = tmp_path / "b.caffemodel"
+    caffe_io.save(only_ip2, weights=b)
+    out = tmp_path / "out.caffemodel"
+    rc = main(["transplant", str(g / "net.prototxt"), "--from",
+               f"{g / 'weights.caffemodel'},{b}", "-o", str(out)])
+    assert rc == 0
+    got = caffe_io.load(g / "net.prototxt", out)
+    assert np.array_equal(got.layer("ip2").params[0].data, only_ip2.layers[0].params[0].data)
+    assert np.array_equal(got.layer("conv1").params[0].data, net.layer("conv1").params[0].data)
+    assert "from " in capsys.readouterr().out
+    assert transplant  # the library op is the function, not the module
