@@ -18,7 +18,15 @@ from typing import Any
 
 from .errors import SurgeryError
 
-__all__ = ["main", "build_parser", "CliError", "ensure_output", "ensure_distinct", "emit"]
+__all__ = [
+    "main",
+    "build_parser",
+    "CliError",
+    "ensure_output",
+    "ensure_distinct",
+    "load_for_edit",
+    "emit",
+]
 
 
 class CliError(SurgeryError):
@@ -60,6 +68,34 @@ def ensure_distinct(first: str | None, second: str | None, what: str) -> None:
         second
     ).resolve():
         raise CliError(f"{what} name the same file ({first}); give two different paths")
+
+
+def load_for_edit(args: argparse.Namespace, *, weights_need_output: bool = False) -> Any:
+    """Check ``-o``/``--out-weights`` against the inputs, then load the net (and weights).
+
+    Args:
+        args: parsed options with ``net``, ``output``, ``in_place`` and optionally ``weights``
+            and ``out_weights``.
+        weights_need_output: refuse ``--weights`` without ``--out-weights`` (verbs whose only
+            use of the weights is to write them anew).
+
+    Raises:
+        CliError: an output names an input, the two outputs are one file, or the weight
+            options do not pair up.
+    """
+    from .caffe_io import load
+
+    weights = getattr(args, "weights", None)
+    out_weights = getattr(args, "out_weights", None)
+    ensure_output([args.net, weights], args.output, args.in_place)
+    if out_weights is not None:
+        ensure_output([args.net, weights], out_weights, args.in_place, "--out-weights")
+        if weights is None:
+            raise CliError("--out-weights needs --weights (the caffemodel to start from)")
+        ensure_distinct(args.output, out_weights, "-o and --out-weights")
+    elif weights is not None and weights_need_output:
+        raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
+    return load(args.net, weights)
 
 
 def emit(report: dict[str, Any], text: str, as_json: bool) -> None:

@@ -10,27 +10,10 @@ import argparse
 import json
 from typing import Any
 
-from .cli import CliError, emit, ensure_distinct, ensure_output
+from .cli import CliError, emit, ensure_distinct, ensure_output, load_for_edit
 from .errors import did_you_mean
 
 __all__ = ["register"]
-
-
-def _load(args: argparse.Namespace) -> Any:
-    """Refuse outputs that overwrite inputs, then load the net (with weights if given)."""
-    from .caffe_io import load
-
-    weights = getattr(args, "weights", None)
-    out_weights = getattr(args, "out_weights", None)
-    ensure_output([args.net, weights], args.output, args.in_place)
-    if out_weights is not None:
-        ensure_output([args.net, weights], out_weights, args.in_place, "--out-weights")
-        if weights is None:
-            raise CliError("--out-weights needs --weights (the caffemodel to start from)")
-        ensure_distinct(args.output, out_weights, "-o and --out-weights")
-    elif weights is not None:
-        raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
-    return load(args.net, weights)
 
 
 def _save(args: argparse.Namespace, net: Any, report: Any) -> int:
@@ -55,7 +38,7 @@ def cmd_insert_eltwise(args: argparse.Namespace) -> int:
             coeff = [float(c) for c in args.coeff.split(",") if c.strip()]
         except ValueError:
             raise CliError(f"--coeff must be C1,C2 (numbers); got {args.coeff!r}") from None
-    net = _load(args)
+    net = load_for_edit(args, weights_need_output=True)
     new, report = insert_eltwise(net, args.bottoms, args.operation, coeff, args.name)
     return _save(args, new, report)
 
@@ -63,7 +46,7 @@ def cmd_insert_eltwise(args: argparse.Namespace) -> int:
 def cmd_insert_gate(args: argparse.Namespace) -> int:
     from .ops.insert import insert_gate
 
-    net = _load(args)
+    net = load_for_edit(args, weights_need_output=True)
     channels: int | str = 1 if args.channels == "1" else "same"
     new, report = insert_gate(net, args.at, channels, args.activation, args.init,
                               name=args.name, seed=args.seed)

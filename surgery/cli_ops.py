@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli import CliError, emit, ensure_distinct, ensure_output
+from .cli import CliError, emit, ensure_distinct, ensure_output, load_for_edit
 
 __all__ = ["register"]
 
@@ -72,21 +72,6 @@ def _common(p: argparse.ArgumentParser, weights: bool, seed: bool = False) -> No
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _prepare(args: argparse.Namespace) -> Any:
-    """Check outputs against inputs, then load the net (with weights if given)."""
-    from .caffe_io import load
-
-    weights = getattr(args, "weights", None)
-    out_weights = getattr(args, "out_weights", None)
-    ensure_output([args.net, weights], args.output, args.in_place)
-    if out_weights is not None:
-        ensure_output([args.net, weights], out_weights, args.in_place, "--out-weights")
-        if weights is None:
-            raise CliError("--out-weights needs --weights (the caffemodel to start from)")
-        ensure_distinct(args.output, out_weights, "-o and --out-weights")
-    return load(args.net, weights)
-
-
 def _finish(args: argparse.Namespace, net: Any, report: Any) -> int:
     from .caffe_io import save
 
@@ -119,7 +104,7 @@ def cmd_rename_heads(args: argparse.Namespace) -> int:
         raise CliError("give --suffix or --rename, not both")
     if args.weights and not args.out_weights:
         raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
-    net = _prepare(args)
+    net = load_for_edit(args)
     new, report = rename_heads(
         net,
         num_output,
@@ -138,7 +123,7 @@ def _freeze_like(args: argparse.Namespace, which: str) -> int:
 
     if args.until is None and args.layers is None:
         raise CliError(f"{which}: give --until LAYER or --layers GLOB ...")
-    net = _prepare(args)
+    net = load_for_edit(args)
     fn = lr_ops.freeze if which == "freeze" else lr_ops.unfreeze
     new, report = fn(
         net, until=args.until, layers=_split_globs(args.layers), except_=_split_globs(args.except_)
@@ -161,7 +146,7 @@ def cmd_lr(args: argparse.Namespace) -> int:
     decay = _floats(args.decay_mult, "--decay-mult")
     if lr is None and decay is None:
         raise CliError("lr: give --lr-mult W[,B] and/or --decay-mult W[,B]")
-    net = _prepare(args)
+    net = load_for_edit(args)
     new, report = set_lr(
         net,
         _split_globs(args.layers) or [],
@@ -176,7 +161,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from .ops.deploy import to_deploy
 
     shape = _shape(args.input_shape)
-    net = _prepare(args)
+    net = load_for_edit(args)
     new, report = to_deploy(net, input_shape=shape)
     return _finish(args, new, report)
 
@@ -186,7 +171,7 @@ def cmd_fc_to_conv(args: argparse.Namespace) -> int:
 
     if args.weights and not args.out_weights:
         raise CliError("--weights needs --out-weights (where to write the reshaped weights)")
-    net = _prepare(args)
+    net = load_for_edit(args)
     new, report = fc_to_conv(net, layers=_split_globs(args.layers), suffix=args.suffix)
     return _finish(args, new, report)
 
