@@ -3,10 +3,8 @@ NMS cases, a transcription of Caffe's ApplyNMSFast loop, and OpenCV's DetectionO
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import surgery  # noqa: E402
 from surgery.export import _torch_runtime as rt  # noqa: E402
 from surgery.export.torch import save_torch, to_torch, torch_supported_types  # noqa: E402
 
-from .conftest import GOLDEN  # noqa: E402
+from .conftest import GOLDEN, import_generated  # noqa: E402
 
 SSD_GOLDENS = ["face_res10", "mobilenet_ssd"]
 
@@ -86,16 +84,6 @@ def test_default_export_still_cuts_before_detection_output() -> None:
     assert "DetectionOutput" not in torch_supported_types()  # opt-in, not a table entry
 
 
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop(name, None)
-    return mod
 
 
 def test_model_py_with_detection_output(tmp_path: Path) -> None:
@@ -104,7 +92,7 @@ def test_model_py_with_detection_output(tmp_path: Path) -> None:
     out = save_torch(net, tmp_path / "m", input_shapes=shapes, detection_output=True)
     src = (out / "model.py").read_text()
     assert "caffe_detection_output(" in src and "keep_top_k=100" in src
-    mod = _import(out / "model.py", "gen_det_mobilenet_ssd")
+    mod = import_generated(out / "model.py", "gen_det_mobilenet_ssd")
     model = mod.CaffeNet()
     model.load_weights(str(out / "weights.safetensors"))
     model.eval()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from surgery.export.torch import (  # noqa: E402
 )
 from surgery.net import Layer, Net, Param  # noqa: E402
 
-from .conftest import GOLDEN, ZOO  # noqa: E402
+from .conftest import GOLDEN, ZOO, import_generated  # noqa: E402
 
 GOLDENS = sorted(p.name for p in GOLDEN.glob("*") if (p / "meta.json").exists())
 
@@ -361,16 +359,6 @@ def test_save_torch_leaves_no_partial_output(tmp_path: Path) -> None:
 
 
 # -- generated source -------------------------------------------------------------------------
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop(name, None)
-    return mod
 
 
 @pytest.mark.parametrize("name", ["mobilenet_ssd", "open_nsfw_real", "googlenet"])
@@ -380,7 +368,7 @@ def test_model_py_equals_graph_module(tmp_path: Path, name: str) -> None:
     out = save_torch(net, tmp_path / "m", input_shapes=shapes)
     assert sorted(p.name for p in out.iterdir()) == ["caffe_names.json", "model.py",
                                                       "weights.safetensors"]
-    mod = _import(out / "model.py", f"gen_{name}")
+    mod = import_generated(out / "model.py", f"gen_{name}")
     model = mod.CaffeNet()
     model.load_weights(str(out / "weights.safetensors"))
     model.eval()
@@ -437,7 +425,7 @@ def test_hostile_layer_names_generate_safe_code(tmp_path: Path) -> None:
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "__import__"]
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "system"]
     out = save_torch(net, tmp_path / "h")
-    mod = _import(out / "model.py", "gen_hostile")
+    mod = import_generated(out / "model.py", "gen_hostile")
     model = mod.CaffeNet()
     model.load_weights(str(out / "weights.safetensors"))
     x = torch.randn(1, 2, 5, 5)
@@ -470,7 +458,7 @@ def test_layer_names_of_module_methods(tmp_path: Path, names: tuple[str, ...]) -
     want = gm(x)
     assert callable(gm.train) and callable(gm.to) and isinstance(gm.code, str)
     out = save_torch(net, tmp_path / "m")
-    mod = _import(out / "model.py", "gen_methods")
+    mod = import_generated(out / "model.py", "gen_methods")
     model = mod.CaffeNet()
     model.load_weights(str(out / "weights.safetensors"))
     model.eval()
@@ -535,7 +523,7 @@ def test_model_py_of_fork_layers(tmp_path: Path) -> None:
               param_field="interp_param"),
     ])
     out = save_torch(net, tmp_path / "m")
-    mod = _import(out / "model.py", "gen_forks")
+    mod = import_generated(out / "model.py", "gen_forks")
     model = mod.CaffeNet()
     model.load_weights(str(out / "weights.safetensors"))
     model.eval()
