@@ -20,7 +20,7 @@ NET, WEIGHTS = str(LENET / "net.prototxt"), str(LENET / "weights.caffemodel")
 
 
 def test_no_heavy_imports() -> None:
-    code = ("import sys, surgery.cli, surgery.cli_export; surgery.cli.build_parser(); "
+    code = ("import sys, surgery.cli, surgery.cli.export; surgery.cli.build_parser(); "
             "bad = [m for m in ('onnx', 'onnxruntime', 'torch', 'cv2') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -188,7 +188,7 @@ def test_transplant_open_nsfw_cli(tmp_path, capsys):
 def test_verbs_import_no_torch_or_onnx():
     code = (
         "import sys; from surgery.cli import build_parser; build_parser(); "
-        "import surgery.cli_graph, surgery.ops.insert, surgery.ops.transplant; "
+        "import surgery.cli.graph, surgery.ops.insert, surgery.ops.transplant; "
         "bad = [m for m in ('torch', 'onnx', 'onnxruntime', 'cv2') if m in sys.modules]; "
         "assert not bad, bad"
     )

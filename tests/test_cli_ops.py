@@ -363,7 +363,7 @@ def test_verbs_import_no_torch_or_onnx() -> None:
     import sys
 
     code = (
-        "import sys, surgery.cli_ops, surgery.cli; surgery.cli.build_parser(); "
+        "import sys, surgery.cli.edit, surgery.cli; surgery.cli.build_parser(); "
         "import surgery.ops.heads, surgery.ops.lr, surgery.ops.deploy, surgery.ops.recipe; "
         "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))"
     )

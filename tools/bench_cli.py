@@ -40,7 +40,7 @@ def main() -> int:
         for _ in range(args.runs):
             t = time.perf_counter()
             subprocess.run(
-                [sys.executable, "-m", "surgery.cli", "info", str(net)],
+                [sys.executable, "-m", "surgery", "info", str(net)],
                 check=True, stdout=subprocess.DEVNULL,
             )
             times.append(time.perf_counter() - t)

@@ -282,7 +282,7 @@ class CaseFailed(Exception):
 
 def cli(*args: object) -> dict:
     """Run one ``surgery`` verb with --json; returns its report (raises on a non-zero exit)."""
-    cmd = [sys.executable, "-m", "surgery.cli", *map(str, args), "--json"]
+    cmd = [sys.executable, "-m", "surgery", *map(str, args), "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         raise CaseFailed(f"surgery {args[0]} exited {p.returncode}: {p.stderr.strip()[-300:]}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli import CliError, emit, ensure_distinct, ensure_output, load_for_edit
+from . import CliError, emit, ensure_distinct, ensure_output, load_for_edit
 
 __all__ = ["register"]
 
@@ -73,7 +73,7 @@ def _common(p: argparse.ArgumentParser, weights: bool, seed: bool = False) -> No
 
 
 def _finish(args: argparse.Namespace, net: Any, report: Any) -> int:
-    from .caffe_io import save
+    from ..caffe_io import save
 
     out_weights = getattr(args, "out_weights", None)
     weights = getattr(args, "weights", None)
@@ -90,7 +90,7 @@ def _finish(args: argparse.Namespace, net: Any, report: Any) -> int:
 
 # -- verbs ------------------------------------------------------------------------------------
 def cmd_rename_heads(args: argparse.Namespace) -> int:
-    from .ops.heads import rename_heads
+    from ..ops.heads import rename_heads
 
     num_output = _positive_int(args.num_output, "--num-output")
     lr = _floats(args.lr_mult, "--lr-mult")
@@ -119,7 +119,7 @@ def cmd_rename_heads(args: argparse.Namespace) -> int:
 
 
 def _freeze_like(args: argparse.Namespace, which: str) -> int:
-    from .ops import lr as lr_ops
+    from ..ops import lr as lr_ops
 
     if args.until is None and args.layers is None:
         raise CliError(f"{which}: give --until LAYER or --layers GLOB ...")
@@ -140,7 +140,7 @@ def cmd_unfreeze(args: argparse.Namespace) -> int:
 
 
 def cmd_lr(args: argparse.Namespace) -> int:
-    from .ops.lr import set_lr
+    from ..ops.lr import set_lr
 
     lr = _floats(args.lr_mult, "--lr-mult")
     decay = _floats(args.decay_mult, "--decay-mult")
@@ -158,7 +158,7 @@ def cmd_lr(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .ops.deploy import to_deploy
+    from ..ops.deploy import to_deploy
 
     shape = _shape(args.input_shape)
     net = load_for_edit(args)
@@ -167,7 +167,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_fc_to_conv(args: argparse.Namespace) -> int:
-    from .ops.deploy import fc_to_conv
+    from ..ops.deploy import fc_to_conv
 
     if args.weights and not args.out_weights:
         raise CliError("--weights needs --out-weights (where to write the reshaped weights)")
@@ -179,8 +179,8 @@ def cmd_fc_to_conv(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .caffe_io import save
-    from .ops.recipe import apply_recipe, load_recipe
+    from ..caffe_io import save
+    from ..ops.recipe import apply_recipe, load_recipe
 
     recipe = load_recipe(args.recipe)
     base = Path(args.recipe).resolve().parent
@@ -207,7 +207,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     ensure_distinct(output, out_weights, "apply: output and out_weights")
     net = None
     if args.net is not None or args.weights is not None or args.no_weights:
-        from .caffe_io import load
+        from ..caffe_io import load
 
         if net_path is None:
             raise CliError("apply: the recipe names no net; give --net NET.prototxt")

@@ -10,14 +10,14 @@ import argparse
 import json
 from typing import Any
 
-from .cli import CliError, emit, ensure_distinct, ensure_output, load_for_edit
-from .errors import did_you_mean
+from ..errors import did_you_mean
+from . import CliError, emit, ensure_distinct, ensure_output, load_for_edit
 
 __all__ = ["register"]
 
 
 def _save(args: argparse.Namespace, net: Any, report: Any) -> int:
-    from .caffe_io import save
+    from ..caffe_io import save
 
     out_weights = getattr(args, "out_weights", None)
     save(net, args.output, out_weights)
@@ -30,7 +30,7 @@ def _save(args: argparse.Namespace, net: Any, report: Any) -> int:
 
 
 def cmd_insert_eltwise(args: argparse.Namespace) -> int:
-    from .ops.insert import insert_eltwise
+    from ..ops.insert import insert_eltwise
 
     coeff = None
     if args.coeff is not None:
@@ -44,7 +44,7 @@ def cmd_insert_eltwise(args: argparse.Namespace) -> int:
 
 
 def cmd_insert_gate(args: argparse.Namespace) -> int:
-    from .ops.insert import insert_gate
+    from ..ops.insert import insert_gate
 
     net = load_for_edit(args, weights_need_output=True)
     channels: int | str = 1 if args.channels == "1" else "same"
@@ -67,8 +67,8 @@ def _mapping(items: list[str] | None) -> dict[str, str]:
 
 
 def cmd_transplant(args: argparse.Namespace) -> int:
-    from .caffe_io import load, read_weights, save, write_text_atomic
-    from .ops.transplant import transplant
+    from ..caffe_io import load, read_weights, save, write_text_atomic
+    from ..ops.transplant import transplant
 
     mapping = _mapping(args.map)
     # `--from a,b` (or --from a --from b) is `caffe train -weights a,b`: later files override.

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import CliError, emit, ensure_output
+from . import CliError, emit, ensure_output
 
 __all__ = ["register", "parse_input_shapes", "cmd_export_onnx", "cmd_export_torch",
            "cmd_verify"]
@@ -47,9 +47,9 @@ def _bind_shapes(net: Any, shapes: dict[str, list[int]] | None, phase: str
     """Give a bare ``N,C,H,W`` to the only input; refuse names that are not inputs."""
     if not shapes:
         return shapes
-    from .dataflow import resolve
-    from .layers import is_data
-    from .net import NetState
+    from ..dataflow import resolve
+    from ..layers import is_data
+    from ..net import NetState
 
     flow = resolve(net, NetState(phase))
     inputs = [t for n in flow.nodes if n.layer.type == "Input" or is_data(n.layer)
@@ -68,13 +68,13 @@ def _bind_shapes(net: Any, shapes: dict[str, list[int]] | None, phase: str
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     """``surgery export onnx``."""
-    from .caffe_io import load
+    from ..caffe_io import load
 
     ensure_output([args.net, args.weights], args.output)
     net = load(args.net, args.weights)
     phase = args.phase.upper()
     shapes = _bind_shapes(net, parse_input_shapes(args.input_shape), phase)
-    from .export.onnx import save_onnx
+    from ..export.onnx import save_onnx
 
     model = save_onnx(net, args.output, opset=args.opset, dynamic_batch=args.dynamic_batch,
                       fold_bn=args.fold_bn, input_shapes=shapes, phase=phase)
@@ -99,14 +99,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 def cmd_export_torch(args: argparse.Namespace) -> int:
     """``surgery export torch``."""
-    from .caffe_io import load
+    from ..caffe_io import load
 
     ensure_output([args.net, args.weights], args.output)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise CliError(f"-o {args.output} exists and is not a folder")
     net = load(args.net, args.weights)
-    from .export.torch import save_torch
+    from ..export.torch import save_torch
 
     save_torch(net, args.output, args.phase.upper(), detection_output=args.detection_output)
     files = sorted(p.name for p in out.iterdir())
@@ -117,8 +117,8 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``surgery verify``: 0 when every blob is within the tolerance, else 1."""
-    from .caffe_io import load
-    from .verify import BACKENDS, load_inputs, net_input_shapes, verify
+    from ..caffe_io import load
+    from ..verify import BACKENDS, load_inputs, net_input_shapes, verify
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]

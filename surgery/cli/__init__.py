@@ -1,0 +1,179 @@
+"""The ``surgery`` command line: thin verbs over the library.
+
+Each verb: load -> op -> check -> save atomically -> print the report. A
+:class:`~surgery.errors.SurgeryError` prints one line on stderr and exits 2 (``--debug`` shows
+the traceback). Torch and onnx are imported only by the verbs that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SurgeryError
+
+__all__ = [
+    "main",
+    "parse_input_shapes",
+    "info_report",
+    "build_parser",
+    "CliError",
+    "ensure_output",
+    "ensure_distinct",
+    "load_for_edit",
+    "emit",
+]
+
+
+class CliError(SurgeryError):
+    """Bad command-line usage (exit code 2)."""
+
+
+def ensure_output(
+    inputs: Sequence[str | os.PathLike[str] | None],
+    output: str | None,
+    in_place: bool = False,
+    what: str = "-o",
+) -> None:
+    """Refuse to overwrite an input unless ``--in-place`` was given.
+
+    Raises:
+        CliError: the output names one of the inputs.
+    """
+    if output is None:
+        return
+    out = Path(output).resolve()
+    for src in inputs:
+        if src is not None and Path(src).resolve() == out and not in_place:
+            raise CliError(
+                f"{what} {output} would overwrite the input {src}; choose another path or pass "
+                "--in-place"
+            )
+    parent = out.parent
+    if not parent.is_dir():
+        raise CliError(f"{what} {output}: folder {parent} does not exist")
+
+
+def ensure_distinct(first: str | None, second: str | None, what: str) -> None:
+    """Refuse two outputs that name the same file (one would overwrite the other).
+
+    Raises:
+        CliError: both are given and resolve to the same path.
+    """
+    if first is not None and second is not None and Path(first).resolve() == Path(
+        second
+    ).resolve():
+        raise CliError(f"{what} name the same file ({first}); give two different paths")
+
+
+def load_for_edit(args: argparse.Namespace, *, weights_need_output: bool = False) -> Any:
+    """Check ``-o``/``--out-weights`` against the inputs, then load the net (and weights).
+
+    Args:
+        args: parsed options with ``net``, ``output``, ``in_place`` and optionally ``weights``
+            and ``out_weights``.
+        weights_need_output: refuse ``--weights`` without ``--out-weights`` (verbs whose only
+            use of the weights is to write them anew).
+
+    Raises:
+        CliError: an output names an input, the two outputs are one file, or the weight
+            options do not pair up.
+    """
+    from ..caffe_io import load
+
+    weights = getattr(args, "weights", None)
+    out_weights = getattr(args, "out_weights", None)
+    ensure_output([args.net, weights], args.output, args.in_place)
+    if out_weights is not None:
+        ensure_output([args.net, weights], out_weights, args.in_place, "--out-weights")
+        if weights is None:
+            raise CliError("--out-weights needs --weights (the caffemodel to start from)")
+        ensure_distinct(args.output, out_weights, "-o and --out-weights")
+    elif weights is not None and weights_need_output:
+        raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
+    return load(args.net, weights)
+
+
+def emit(report: dict[str, Any], text: str, as_json: bool) -> None:
+    """Print a report as JSON or as text."""
+    if as_json:
+        print(json.dumps(report, indent=1, default=_json_default))
+    else:
+        print(text)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+# -- parser -----------------------------------------------------------------------------------
+Handler = Callable[[argparse.Namespace], int]
+
+# One module per family of verbs, registered in this order (a missing one is skipped).
+VERB_MODULES = ("inspect", "edit", "graph", "export", "data", "train", "pipelines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb registered."""
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Model surgery on Caffe networks (prototxt + caffemodel).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    for module in VERB_MODULES:
+        try:
+            mod = __import__(f"{__package__}.{module}", fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{module}":
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SurgeryError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"surgery {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def __getattr__(name: str) -> Any:  # surgery.cli.info_report etc. live in cli.inspect
+    if name in ("info_report", "info_text", "parse_input_shapes"):
+        from . import inspect
+
+        return getattr(inspect, name)
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
