@@ -54,3 +54,39 @@ def test_readme_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.Monk
     heads = [lay for lay in out.layers if lay.name.endswith("classifier_ft")]
     assert len(heads) == 3 and all(h.params[0].data.shape == (7, 1024) for h in heads)
     assert out.layer("conv1/7x7_s2").params[0].lr_mult == 0
+
+
+def _walkthroughs() -> list[tuple[str, str, str]]:
+    """``(name, language, code)`` of every README block whose first line is
+    ``# walkthrough: NAME``."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for lang, code in re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S):
+        first = code.lstrip().splitlines()[0] if code.strip() else ""
+        m = re.match(r"#\s*walkthrough:\s*(\S+)", first)
+        if m:
+            out.append((m.group(1), lang, code))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,lang,code", _walkthroughs(), ids=[w[0] for w in _walkthroughs()] or None
+)
+def test_readme_walkthrough_runs(name: str, lang: str, code: str, tmp_path: Path) -> None:
+    """Each walkthrough runs as written, from the project root, ``/tmp/`` -> a fresh folder."""
+    import os
+    import subprocess
+    import sys
+
+    code = code.replace("/tmp/", f"{tmp_path}/")
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    if lang == "bash":
+        cmd = ["bash", "-euo", "pipefail", "-c", code]
+    else:
+        cmd = [sys.executable, "-c", code]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (
+        f"walkthrough {name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
