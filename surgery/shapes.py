@@ -47,6 +47,8 @@ __all__ = [
     "macs_rule",
     "blob_shape_matches",
     "count",
+    "guess_dataset_shapes",
+    "starting_shapes",
 ]
 
 Shape = tuple[int, ...]
@@ -1486,6 +1488,30 @@ def guess_dataset_shapes(
             "override with --input-shape"
         )
     return shapes, notes
+
+
+def starting_shapes(
+    flow: Dataflow, given: Mapping[str, Sequence[int]] | None = None
+) -> tuple[dict[str, Shape], dict[str, str]]:
+    """The input shapes every verb starts shape inference from, and the assumptions made.
+
+    The one rule shared by ``info``, the ops, the exports, ``verify`` and ``extract``:
+    shapes in ``given`` (``--input-shape``, by top name) win; every other dataset layer's tops
+    get :func:`guess_dataset_shapes`' values (batch_size, crop size, channels from the first
+    convolution's loaded weights or the mean values, else 3). ``Input`` layers keep their own
+    shapes unless ``given`` names them.
+
+    Args:
+        flow: the resolved net (one phase).
+        given: explicit shapes by top name.
+
+    Returns:
+        ``(shapes by top name, {guessed data top: note})``: pass the shapes to
+        :func:`infer` and report the notes (``info``'s ``assumptions``).
+    """
+    given = {k: tuple(int(d) for d in v) for k, v in (given or {}).items()}
+    guessed, notes = guess_dataset_shapes(flow, given)
+    return {**guessed, **given}, notes
 
 
 def _guess_channels(

@@ -183,13 +183,17 @@ class VerifyReport:
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def net_input_shapes(net: Net, phase: str = "TEST") -> dict[str, tuple[int, ...] | None]:
-    """The net's inputs (Input tops, consumed data tops) and their inferred shapes."""
+def net_input_shapes(
+    net: Net, phase: str = "TEST", input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...] | None]:
+    """The net's inputs (Input tops, consumed data tops) and their shapes: ``input_shapes``,
+    else what ``surgery info`` infers (:func:`surgery.shapes.starting_shapes`)."""
     from .export.common import plan
     from .shapes import infer
 
-    p = plan(net, phase, supported=_ALL_TYPES, infer_shapes=False, lower_losses=False)
-    info = infer(p.flow, check_weights=False)
+    p = plan(net, phase, supported=_ALL_TYPES, infer_shapes=False, lower_losses=False,
+             input_shapes=input_shapes)
+    info = infer(p.flow, p.start_shapes, check_weights=False)
     return {v.name: info.shape(v) for v in p.inputs}
 
 
@@ -409,6 +413,7 @@ def verify(
     phase: str = "TEST",
     prototxt: str | os.PathLike[str] | None = None,
     weights: str | os.PathLike[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> VerifyReport:
     """Run ``net`` on ``backends`` with one input and compare every common blob.
 
@@ -426,6 +431,8 @@ def verify(
         phase: the phase to run.
         prototxt: the definition file (OpenCV reads files; written to a temp folder if None).
         weights: the caffemodel file.
+        input_shapes: shapes of the random input by name (default: what ``surgery info``
+            infers: the Input layers', the data layers' batch_size/crop_size...).
 
     Returns:
         The report; ``report.passed`` says whether every blob is within the tolerance.
@@ -452,7 +459,7 @@ def verify(
     tolerance = 1e-4 if tolerance is None else float(tolerance)
     if tolerance < 0 or math.isnan(tolerance):
         raise SurgeryError(f"tolerance must be >= 0, got {tolerance}")
-    shapes = net_input_shapes(net, phase)
+    shapes = net_input_shapes(net, phase, input_shapes)
     if inputs is None:
         feed = random_inputs(shapes, seed)
     else:

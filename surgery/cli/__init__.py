@@ -21,6 +21,8 @@ from ..errors import SurgeryError
 __all__ = [
     "main",
     "parse_input_shapes",
+    "input_shapes",
+    "add_input_shape_option",
     "info_report",
     "build_parser",
     "CliError",
@@ -100,6 +102,93 @@ def load_for_edit(args: argparse.Namespace, *, weights_need_output: bool = False
     return load(args.net, weights)
 
 
+def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``--input-shape`` values: ``BLOB=N,C,H,W`` (or ``NxCxHxW``); a bare ``N,C,H,W``
+    is stored under ``""`` (the net's only input, see :func:`input_shapes`).
+
+    Raises:
+        CliError: a malformed value.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items or ():
+        name, _, dims = item.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise CliError(f"--input-shape {item!r}: expected BLOB=N,C,H,W with positive "
+                           "integers")
+        out[name.strip()] = shape
+    return out
+
+
+def input_shapes(
+    net: Any, items: Sequence[str] | None, phase: str | None = None
+) -> dict[str, tuple[int, ...]] | None:
+    """The ``--input-shape`` options of a verb, bound to the net's inputs.
+
+    Names must be tops of ``Input`` or dataset layers (a label too); a bare ``N,C,H,W`` goes
+    to the only image input (the ``Input`` tops and the first top of each dataset layer).
+    Everything not given is inferred as ``surgery info`` infers it
+    (:func:`surgery.shapes.starting_shapes`).
+
+    Args:
+        net: the loaded net.
+        items: the option values.
+        phase: "TRAIN"/"TEST", or None for both (verbs that edit a train_val net).
+
+    Returns:
+        ``{top: shape}``, or None when no option was given.
+
+    Raises:
+        CliError: a malformed value, an unknown name, or a bare shape for a net with several
+            inputs.
+    """
+    shapes = parse_input_shapes(items)
+    if not shapes:
+        return None
+    from ..dataflow import resolve
+    from ..layers import is_data
+    from ..net import NetState
+
+    tops: list[str] = []
+    firsts: list[str] = []
+    for ph in [phase.upper()] if phase else ["TEST", "TRAIN"]:
+        try:
+            flow = resolve(net, NetState(ph))
+        except SurgeryError:
+            if phase:
+                raise
+            continue
+        for node in flow.nodes:
+            lay = node.layer
+            if lay.type == "Input" or (is_data(lay) and not node.inputs):
+                tops += lay.tops
+                firsts += lay.tops if lay.type == "Input" else lay.tops[:1]
+    tops, firsts = list(dict.fromkeys(tops)), list(dict.fromkeys(firsts))
+    if "" in shapes:
+        if len(firsts) != 1:
+            raise CliError(f"--input-shape without a name needs a net with one input; this "
+                           f"one has {firsts}: write BLOB=N,C,H,W")
+        shapes = {**{k: v for k, v in shapes.items() if k}, firsts[0]: shapes[""]}
+    unknown = [k for k in shapes if k not in tops]
+    if unknown:
+        raise CliError(f"--input-shape names {unknown}, which are not inputs of the net "
+                       f"(inputs: {tops})")
+    return shapes
+
+
+def add_input_shape_option(p: argparse.ArgumentParser) -> None:
+    """``--input-shape BLOB=N,C,H,W`` (repeatable), the same for every verb."""
+    p.add_argument(
+        "--input-shape", action="append", default=[], metavar="BLOB=N,C,H,W",
+        help="shape of an input or data top (repeatable; a bare N,C,H,W for the only input); "
+        "default: what `surgery info` infers (data layers: batch_size, crop_size, channels "
+        "from the weights or the mean values, else 3)",
+    )
+
+
 def emit(report: dict[str, Any], text: str, as_json: bool) -> None:
     """Print a report as JSON or as text."""
     if as_json:
@@ -168,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def __getattr__(name: str) -> Any:  # surgery.cli.info_report etc. live in cli.inspect
-    if name in ("info_report", "info_text", "parse_input_shapes"):
+    if name in ("info_report", "info_text"):
         from . import inspect
 
         return getattr(inspect, name)

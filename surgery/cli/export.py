@@ -9,61 +9,13 @@ Exit codes: 0 done (verify: every blob within the tolerance), 1 verify found a l
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from . import CliError, emit, ensure_output
+from . import CliError, add_input_shape_option, emit, ensure_output, input_shapes
 
-__all__ = ["register", "parse_input_shapes", "cmd_export_onnx", "cmd_export_torch",
-           "cmd_verify"]
-
-
-def parse_input_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
-    """``["data=1,3,224,224", ...]`` -> ``{"data": [1, 3, 224, 224]}``.
-
-    A value without ``name=`` is stored under ``""`` (the net's only input).
-
-    Raises:
-        CliError: a malformed value.
-    """
-    if not values:
-        return None
-    shapes: dict[str, list[int]] = {}
-    for text in values:
-        name, _, dims = text.rpartition("=")
-        try:
-            shape = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
-        except ValueError:
-            shape = []
-        if not shape or any(d <= 0 for d in shape):
-            raise CliError(f"--input-shape must be NAME=N,C,H,W with positive sizes; "
-                           f"got {text!r}")
-        shapes[name.strip()] = shape
-    return shapes
-
-
-def _bind_shapes(net: Any, shapes: dict[str, list[int]] | None, phase: str
-                 ) -> dict[str, list[int]] | None:
-    """Give a bare ``N,C,H,W`` to the only input; refuse names that are not inputs."""
-    if not shapes:
-        return shapes
-    from ..dataflow import resolve
-    from ..layers import is_data
-    from ..net import NetState
-
-    flow = resolve(net, NetState(phase))
-    inputs = [t for n in flow.nodes if n.layer.type == "Input" or is_data(n.layer)
-              for t in n.layer.tops]
-    if "" in shapes:
-        if len(inputs) != 1:
-            raise CliError(f"--input-shape without a name needs a net with one input; this "
-                           f"one has {inputs}: write NAME=N,C,H,W")
-        shapes = {**{k: v for k, v in shapes.items() if k}, inputs[0]: shapes[""]}
-    unknown = [k for k in shapes if k not in inputs]
-    if unknown:
-        raise CliError(f"--input-shape names {unknown}, which are not inputs of the net "
-                       f"(inputs: {inputs})")
-    return shapes
+__all__ = ["register", "cmd_export_onnx", "cmd_export_torch", "cmd_verify"]
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -73,7 +25,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     ensure_output([args.net, args.weights], args.output)
     net = load(args.net, args.weights)
     phase = args.phase.upper()
-    shapes = _bind_shapes(net, parse_input_shapes(args.input_shape), phase)
+    shapes = input_shapes(net, args.input_shape, phase)
     from ..export.onnx import save_onnx
 
     model = save_onnx(net, args.output, opset=args.opset, dynamic_batch=args.dynamic_batch,
@@ -106,12 +58,19 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CliError(f"-o {args.output} exists and is not a folder")
     net = load(args.net, args.weights)
+    phase = args.phase.upper()
+    shapes = input_shapes(net, args.input_shape, phase)
     from ..export.torch import save_torch
 
-    save_torch(net, args.output, args.phase.upper(), detection_output=args.detection_output)
+    save_torch(net, args.output, phase, shapes, detection_output=args.detection_output)
     files = sorted(p.name for p in out.iterdir())
-    rep = {"output": args.output, "phase": args.phase.upper(), "files": files}
-    emit(rep, f"wrote {args.output}/: {', '.join(files)}", args.json)
+    meta = json.loads((out / "caffe_names.json").read_text(encoding="utf-8"))
+    rep = {"output": args.output, "phase": phase, "files": files, "inputs": meta["inputs"],
+           "outputs": meta["outputs"], "notes": meta["notes"]}
+    lines = [f"note: {n}" for n in rep["notes"]]
+    lines.append(f"wrote {args.output}/: {', '.join(files)}; inputs "
+                 f"{', '.join(rep['inputs'])}, outputs {', '.join(rep['outputs'])}")
+    emit(rep, "\n".join(lines), args.json)
     return 0
 
 
@@ -130,12 +89,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.golden is not None and not Path(args.golden).is_dir():
         raise CliError(f"--golden {args.golden}: no such folder")
     net = load(args.net, args.weights)
+    phase = args.phase.upper()
+    shapes = input_shapes(net, args.input_shape, phase)
     inputs = None
     if args.input is not None:
-        inputs = load_inputs(args.input, list(net_input_shapes(net, args.phase.upper())))
+        inputs = load_inputs(args.input, list(net_input_shapes(net, phase, shapes)))
     report = verify(net, backends=backends, golden=args.golden, inputs=inputs,
-                    tolerance=args.tolerance, seed=args.seed, phase=args.phase.upper(),
-                    prototxt=args.net, weights=args.weights)
+                    tolerance=args.tolerance, seed=args.seed, phase=phase,
+                    prototxt=args.net, weights=args.weights, input_shapes=shapes)
     emit(report.as_dict(), report.table(), args.json)
     return 0 if report.passed else 1
 
@@ -167,8 +128,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis (N)")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNorm (+Scale) into the convolution before it")
-    p.add_argument("--input-shape", action="append", metavar="NAME=N,C,H,W",
-                   help="override an input's shape (repeatable)")
+    add_input_shape_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_onnx)
 
@@ -181,6 +141,7 @@ def register(sub: Any) -> None:
         "--detection-output", action="store_true",
         help="SSD nets: include DetectionOutput (decode + NMS) instead of stopping before it",
     )
+    add_input_shape_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_torch)
 
@@ -196,6 +157,7 @@ def register(sub: Any) -> None:
     p.add_argument("--tolerance", type=float, default=None,
                    help="max relative error per blob (default: the golden's, else 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    add_input_shape_option(p)
     _phase(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)

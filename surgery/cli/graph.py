@@ -11,7 +11,15 @@ import json
 from typing import Any
 
 from ..errors import did_you_mean
-from . import CliError, emit, ensure_distinct, ensure_output, load_for_edit
+from . import (
+    CliError,
+    add_input_shape_option,
+    emit,
+    ensure_distinct,
+    ensure_output,
+    input_shapes,
+    load_for_edit,
+)
 
 __all__ = ["register"]
 
@@ -79,6 +87,7 @@ def cmd_transplant(args: argparse.Namespace) -> int:
         ensure_output(inputs, args.report, args.in_place, "--report")
         ensure_distinct(args.output, args.report, "-o and --report")
     net = load(args.net, args.weights)
+    shapes = input_shapes(net, args.input_shape)
     scanned = [read_weights(src) for src in sources]
     if len(scanned) > 1:  # a --map key must name a layer of at least one source
         names = {r.name for wf in scanned for r in wf.layers}
@@ -92,7 +101,8 @@ def cmd_transplant(args: argparse.Namespace) -> int:
         own = mapping if len(scanned) == 1 else {
             k: v for k, v in mapping.items() if k in layer_names
         }
-        new, report = transplant(new, wf, own, args.on_mismatch, seed=args.seed)
+        new, report = transplant(new, wf, own, args.on_mismatch, seed=args.seed,
+                                 input_shapes=shapes)
         reports.append(report)
     save(new, weights=args.output)
     data = reports[-1].as_dict() if len(reports) == 1 else {
@@ -176,6 +186,7 @@ def register(sub: Any) -> None:
                    help="copy source layer SRC into target layer DST (repeatable)")
     p.add_argument("--on-mismatch", default="error", choices=["error", "reinit", "skip"])
     p.add_argument("--report", metavar="R.json", help="also write the report as JSON")
+    add_input_shape_option(p)
     p.add_argument("--seed", type=int, default=None,
                    help="seed for fresh values (default: surgery.fillers.DEFAULT_SEED)")
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")

@@ -6,9 +6,9 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from . import CliError, emit, ensure_distinct, ensure_output
+from . import CliError, add_input_shape_option, emit, ensure_distinct, ensure_output, input_shapes
 
-__all__ = ["register", "info_report", "info_text", "parse_input_shapes"]
+__all__ = ["register", "info_report", "info_text"]
 
 
 # -- info -------------------------------------------------------------------------------------
@@ -33,12 +33,12 @@ def info_report(
     from ..check import check
     from ..dataflow import implicit_splits, resolve
     from ..net import NetState
-    from ..shapes import guess_dataset_shapes, infer
+    from ..shapes import infer, starting_shapes
 
     flow = resolve(net, NetState(phase))
-    guessed, notes = guess_dataset_shapes(flow, input_shapes)
-    assumptions = list(notes.values())
-    info = infer(flow, {**guessed, **(input_shapes or {})}, check_weights=False)
+    start, guesses = starting_shapes(flow, input_shapes)
+    assumptions = list(guesses.values())
+    info = infer(flow, start, check_weights=False)
     splits: dict[int, list[Any]] = {}
     for sp in implicit_splits(flow):
         splits.setdefault(id(sp.after), []).append(sp)
@@ -165,28 +165,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..caffe_io import load
 
     net = load(args.net, args.weights)
-    rep = info_report(net, args.phase.upper(), parse_input_shapes(args.input_shape))
+    phase = args.phase.upper()
+    rep = info_report(net, phase, input_shapes(net, args.input_shape, phase))
     emit(rep, info_text(rep), args.json)
     return 0
-
-
-def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse ``BLOB=N,C,H,W`` options (a bare ``N,C,H,W`` names the blob ``data``).
-
-    Raises:
-        CliError: a malformed shape.
-    """
-    out: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        name, _, dims = item.rpartition("=")
-        try:
-            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
-        except ValueError:
-            shape = ()
-        if not shape or any(d <= 0 for d in shape):
-            raise CliError(f"--input-shape {item!r}: expected BLOB=N,C,H,W with positive integers")
-        out[name or "data"] = shape
-    return out
 
 
 # -- upgrade ----------------------------------------------------------------------------------
@@ -218,10 +200,7 @@ def register(sub: Any) -> None:
     p.add_argument("net", help="NET.prototxt")
     p.add_argument("--weights", help="W.caffemodel")
     p.add_argument("--phase", default="test", choices=["train", "test", "TRAIN", "TEST"])
-    p.add_argument(
-        "--input-shape", action="append", default=[], metavar="BLOB=N,C,H,W",
-        help="shape of a data/input blob (repeatable); overrides the definition",
-    )
+    add_input_shape_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
@@ -233,4 +212,3 @@ def register(sub: Any) -> None:
     p.add_argument("--in-place", action="store_true", help="allow overwriting the inputs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_upgrade)
-

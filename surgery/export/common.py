@@ -662,6 +662,9 @@ class ExportPlan:
         dropped: layers left out, with reasons.
         notes: one line per dropped layer or cut, for reports.
         shapes: :class:`~surgery.shapes.ShapeInfo` when shapes could be inferred, else None.
+        start_shapes: the input shapes shape inference starts from: ``input_shapes`` plus
+            what the dataset layers imply (:func:`surgery.shapes.starting_shapes`).
+        assumptions: one line per data input whose shape was guessed (also in ``notes``).
     """
 
     net: Net
@@ -674,6 +677,8 @@ class ExportPlan:
     dropped: list[Dropped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     shapes: Any = None
+    start_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
 
     @property
     def phase(self) -> str:
@@ -721,7 +726,9 @@ def plan(
         net: the net.
         phase: ``"test"``/``"train"`` or a :class:`NetState`.
         supported: the layer types the exporter's table lowers.
-        input_shapes: shapes by input/top name (override the ``Input`` layer's shapes).
+        input_shapes: shapes by input/top name (override the ``Input`` layer's shapes); a
+            data layer's tops not given get what ``surgery info`` infers
+            (:func:`surgery.shapes.starting_shapes`), each guess noted.
         lower_detection_output: the exporter lowers DetectionOutput itself.
         lower_losses: lower loss layers (default: True in TRAIN, False in TEST).
         infer_shapes: run :func:`surgery.shapes.infer` (errors there propagate).
@@ -823,12 +830,17 @@ def plan(
             for v, w in zip(node.outputs, loss_weights(node.layer), strict=True):
                 if w != 0.0:
                     losses.append((v, w))
+    from ..shapes import infer, starting_shapes
+
+    start, guesses = starting_shapes(flow, input_shapes)
+    input_names = {v.name for v in inputs}
+    assumptions = [line for top, line in guesses.items() if top in input_names]
+    notes += [f"assumed: {line}" for line in assumptions]
     shapes = None
     if infer_shapes:
-        from ..shapes import infer
-
-        shapes = infer(flow, dict(input_shapes or {}), check_weights=False)
-    return ExportPlan(net, state, flow, nodes, inputs, outputs, losses, dropped, notes, shapes)
+        shapes = infer(flow, start, check_weights=False)
+    return ExportPlan(net, state, flow, nodes, inputs, outputs, losses, dropped, notes, shapes,
+                      start, assumptions)
 
 
 def split_blob_values(flow: Dataflow) -> dict[str, Value]:

@@ -1120,7 +1120,8 @@ def to_onnx(
         opset: the ONNX opset (13..21; Softmax needs 13 for Caffe's axis meaning).
         dynamic_batch: make axis 0 of the inputs and outputs symbolic (``N``).
         fold_bn: fold BatchNorm (+ Scale) into the Convolution before it.
-        input_shapes: shapes of the inputs by blob name, overriding the Input layers'.
+        input_shapes: shapes of the inputs by blob name, overriding the Input layers'; data
+            layers' tops not given get what ``surgery info`` infers (noted in ``doc_string``).
         phase: ``"TEST"`` (default) or ``"TRAIN"`` (loss layers are then lowered and their
             tops become outputs).
         expose_blobs: also make every blob a graph output, to compare every intermediate
@@ -1142,7 +1143,7 @@ def to_onnx(
     shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     p = plan(net, phase, supported=supported_types(), input_shapes=shapes,
              lower_detection_output=False, infer_shapes=False)
-    info = infer(p.flow, shapes)  # checks the weights' shapes too
+    info = infer(p.flow, p.start_shapes)  # checks the weights' shapes too
     g = _Graph(p.flow, info, opset, dynamic_batch)
     for v in p.inputs:
         if info.shape(v) is None:

@@ -113,7 +113,8 @@ def infer_shapes(
         net: the net.
         phase: "TRAIN" or "TEST".
         input_shapes: explicit shapes by top name (they win over guesses).
-        guess: fill dataset layers' shapes with :func:`guess_input_shapes`.
+        guess: fill dataset layers' shapes as ``surgery info`` does
+            (:func:`surgery.shapes.starting_shapes`: channels assumed 3 when nothing tells).
 
     Returns:
         ``(flow, ShapeInfo)``.
@@ -122,19 +123,23 @@ def infer_shapes(
         NetError: the phase does not resolve.
         ShapeMismatchError: a layer Caffe would refuse.
     """
-    from ..shapes import infer
+    from ..shapes import infer, starting_shapes
 
     flow = resolve(net, NetState(phase))
-    given: dict[str, Any] = guess_input_shapes(flow) if guess else {}
-    given.update(input_shapes or {})
+    if guess:
+        given = starting_shapes(flow, input_shapes)[0]
+    else:
+        given = dict(input_shapes or {})
     return flow, infer(flow, given)
 
 
-def _infos(net: Net) -> list[tuple[Dataflow, Any]]:
+def _infos(
+    net: Net, input_shapes: dict[str, Any] | None = None
+) -> list[tuple[Dataflow, Any]]:
     out = []
     for phase in ("TEST", "TRAIN"):
         try:
-            out.append(infer_shapes(net, phase))
+            out.append(infer_shapes(net, phase, input_shapes))
         except SurgeryError:
             continue
     return out

@@ -18,7 +18,7 @@ from .. import _wire
 from ..errors import LayerNotFoundError, NetError, ShapeMismatchError, SurgeryError, did_you_mean
 from ..fillers import fill_layer, layer_fillers
 from ..net import Layer, Net, Param, freeze_array
-from ._common import finish, flows, guess_input_shapes, learnable_count, make_rng
+from ._common import finish, flows, learnable_count, make_rng
 from .report import Report
 
 __all__ = ["transplant", "transplant_file", "ON_MISMATCH"]
@@ -30,19 +30,26 @@ _WEIGHTED = ("Convolution", "Deconvolution", "InnerProduct", "ConvolutionDepthwi
              "DepthwiseConvolution", "Embed")
 
 
-def _expected(net: Net) -> dict[int, list[Shape] | None]:
+def _expected(
+    net: Net, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[dict[int, list[Shape] | None], list[str]]:
     """Per target layer (by identity): the learnable blob shapes Caffe would create, or None
-    when they cannot be known (unknown fork type, or unknown input shapes)."""
+    when they cannot be known (unknown fork type, or unknown input shapes); and the input
+    shape assumptions made (as ``surgery info`` makes them)."""
     from ..layers import LEARNABLE_TYPES
-    from ..shapes import infer, supported_types
+    from ..shapes import infer, starting_shapes, supported_types
 
     known = supported_types()
     out: dict[int, list[Shape] | None] = {}
+    assumptions: list[str] = []
     for flow in flows(net).values():
+        start, notes = starting_shapes(flow, input_shapes)
         try:
-            info = infer(flow, guess_input_shapes(flow), check_weights=False)
+            info = infer(flow, start, check_weights=False)
         except SurgeryError:
             info = None
+        else:
+            assumptions += notes.values()
         for node in flow.nodes:
             lay = node.layer
             if out.get(id(lay)) is not None:
@@ -58,7 +65,7 @@ def _expected(net: Net) -> dict[int, list[Shape] | None]:
                 except SurgeryError:
                     shapes = None
             out[id(lay)] = shapes
-    return out
+    return out, assumptions
 
 
 def _fmt(shapes: list[Shape] | None) -> str:
@@ -86,6 +93,7 @@ def transplant(
     *,
     rng: np.random.Generator | None = None,
     seed: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[Net, Report]:
     """Give ``net`` the weights of ``source``, matched by layer name.
 
@@ -100,9 +108,11 @@ def transplant(
     3. Source layers with no target are left unused and listed (those without blobs, such as
        data and loss layers, are only counted).
     4. The blob count and every blob shape must equal what the target's definition creates
-       (shape inference); legacy 4-D blobs (V1 num/channels/height/width) compare on trailing
-       axes and are reshaped to the target shape (a V1 InnerProduct weight ``1x1xNxK`` becomes
-       ``NxK``). Copied arrays are zero-copy views of the source file.
+       (shape inference, from the input shapes ``surgery info`` infers: dataset layers'
+       shapes read off the definition, each assumption reported as a note, unless
+       ``input_shapes`` gives them); legacy 4-D blobs (V1 num/channels/height/width)
+       compare on trailing axes and are reshaped to the target shape (a V1 InnerProduct
+       weight ``1x1xNxK`` becomes ``NxK``). Copied arrays are zero-copy views of the source file.
     5. A mismatch is, by ``on_mismatch``: ``"error"`` (default, Caffe's behaviour) one
        :class:`ShapeMismatchError` naming every mismatched layer with both shapes and the fixes;
        ``"reinit"`` fresh values from the layer's fillers (``rng``/``seed``, reported);
@@ -119,6 +129,8 @@ def transplant(
         on_mismatch: ``"error"``, ``"reinit"`` or ``"skip"``.
         rng: generator for fresh values (wins over ``seed``).
         seed: seed for fresh values (default :data:`surgery.fillers.DEFAULT_SEED`).
+        input_shapes: shapes of input/data tops by name (``--input-shape``), overriding what
+            the definition implies.
 
     Returns:
         ``(new net, report)``; ``report.data`` has ``counts`` (copied, reinitialised, skipped,
@@ -173,7 +185,9 @@ def transplant(
         by_target[dst] = rec
     for name in dict.fromkeys(dupes):
         report.note(f"source has several layers named {name!r}: the last one was copied")
-    expected = _expected(out)
+    expected, assumptions = _expected(out, input_shapes)
+    for line in dict.fromkeys(assumptions):
+        report.note(f"assumed: {line}")
     gen: np.random.Generator | None = None
 
     def draw() -> np.random.Generator:
@@ -312,7 +326,8 @@ def _fresh(layer: Layer, want: list[Shape] | None, draw: Callable[[], np.random.
     if want is None:
         raise NetError(
             f"layer {name!r} ({layer.type}): needs fresh values but its blob shapes cannot be "
-            "inferred; give the net an input shape (an Input layer)"
+            "inferred; give the net an input shape (--input-shape BLOB=N,C,H,W, or an Input "
+            "layer)"
         )
     return fill_layer(layer, want, draw())
 
