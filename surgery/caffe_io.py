@@ -38,6 +38,7 @@ __all__ = [
     "net_to_text",
     "attach_weights",
     "write_text_atomic",
+    "write_bytes_atomic",
     "WeightReport",
 ]
 
@@ -504,6 +505,15 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     Raises:
         SurgeryError: the file cannot be written (``path`` is left untouched).
     """
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder + rename.
+
+    Raises:
+        SurgeryError: the file cannot be written (``path`` is left untouched).
+    """
     p = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -511,8 +521,8 @@ def write_text_atomic(path: PathLike, text: str) -> None:
         raise SurgeryError(f"{p}: cannot write: {exc.strerror or exc}") from None
     try:
         os.fchmod(fd, 0o666 & ~_wire._umask())  # mkstemp makes 0600; give normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, p)
     except BaseException as exc:
         try:

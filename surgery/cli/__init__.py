@@ -216,7 +216,9 @@ def _json_default(o: Any) -> Any:
 Handler = Callable[[argparse.Namespace], int]
 
 # One module per family of verbs, registered in this order (a missing one is skipped).
-VERB_MODULES = ("inspect", "edit", "graph", "export", "data", "train", "pipelines")
+VERB_MODULES = (
+    "inspect", "edit", "graph", "export", "views", "data", "train", "pipelines",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
