@@ -94,9 +94,10 @@ def _settings(lay: Layer) -> list[str]:
         if a.get("global_pooling"):
             out.append(f"{a.get('pool', 'MAX')} global")
         else:
-            k = a.get("kernel_h") or a.get("kernel_size", "?")
-            out.append(f"{a.get('pool', 'MAX')} {k}x{a.get('kernel_w') or a.get('kernel_size', '?')}"
-                       f" stride {a.get('stride', 1)} pad {a.get('pad', 0)}")
+            kh = a.get("kernel_h") or a.get("kernel_size", "?")
+            kw = a.get("kernel_w") or a.get("kernel_size", "?")
+            out.append(f"{a.get('pool', 'MAX')} {kh}x{kw} stride {a.get('stride', 1)} "
+                       f"pad {a.get('pad', 0)}")
     elif lay.type == "InnerProduct" and "num_output" in a:
         out.append(f"num_output {a['num_output']}")
     return out
