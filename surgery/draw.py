@@ -104,11 +104,10 @@ def _settings(lay: Layer) -> list[str]:
 
 
 def _shapes(net: Net, flow: Dataflow, input_shapes: dict[str, tuple[int, ...]] | None) -> Any:
-    from .shapes import guess_dataset_shapes, infer
+    from .shapes import infer, starting_shapes
 
     try:
-        guessed, _ = guess_dataset_shapes(flow, input_shapes)
-        return infer(flow, {**guessed, **(input_shapes or {})}, check_weights=False)
+        return infer(flow, starting_shapes(flow, input_shapes)[0], check_weights=False)
     except SurgeryError:
         return None  # rule 5: drawn without shapes
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import CliError, emit, ensure_output
+from . import CliError, emit, ensure_output, parse_input_shapes
 
 __all__ = ["register"]
 
@@ -35,7 +35,6 @@ def cmd_draw(args: argparse.Namespace) -> int:
     from ..caffe_io import load, write_bytes_atomic, write_text_atomic
     from ..diff import diff_nets
     from ..draw import output_format, render, to_dot
-    from .inspect import parse_input_shapes
 
     output = args.output or (str(args.net).rsplit(".", 1)[0] + ".dot")
     ensure_output([args.net, args.weights, args.diff], output, False)
