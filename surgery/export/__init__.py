@@ -2,8 +2,12 @@
 
 Imported lazily: ``import surgery.export`` pulls neither torch nor onnx until a function is used.
 
-* :func:`to_torch`, :func:`save_torch`, :func:`param_groups`, :func:`run_blobs` --
-  :mod:`surgery.export.torch` (a ``torch.fx.GraphModule`` built directly, no tracing).
+* :func:`to_torch`, :func:`save_torch`, :func:`run_blobs` -- :mod:`surgery.export.torch` (a
+  ``torch.fx.GraphModule`` built directly, no tracing).
+* :func:`param_groups`, :func:`set_trainable`, :func:`freeze_bn`, :func:`trainable_count` --
+  :mod:`surgery.export.finetune` (training the exported module in PyTorch).
+* :func:`to_caffemodel`, :func:`weights_from_torch`, :func:`read_torch_dir` --
+  :mod:`surgery.export.caffemodel` (trained PyTorch weights back to a caffemodel).
 * :func:`to_onnx` and friends -- :mod:`surgery.export.onnx`.
 * :mod:`surgery.export.common` -- the lowering facts both exporters share.
 * :mod:`surgery.export.reference` -- a small numpy reference of the tricky layer semantics.
@@ -17,7 +21,13 @@ from typing import Any
 _WHERE = {
     "to_torch": "torch",
     "save_torch": "torch",
-    "param_groups": "torch",
+    "param_groups": "finetune",
+    "set_trainable": "finetune",
+    "freeze_bn": "finetune",
+    "trainable_count": "finetune",
+    "to_caffemodel": "caffemodel",
+    "weights_from_torch": "caffemodel",
+    "read_torch_dir": "caffemodel",
     "run_blobs": "torch",
     "torch_supported_types": "torch",
     "to_onnx": "onnx",

@@ -1,13 +1,14 @@
 """Runtime pieces of exported PyTorch models: Caffe semantics PyTorch lacks.
 
-This module imports only ``math`` and ``torch``: its source is copied verbatim into every
-generated ``model.py`` so that file needs nothing but torch. Keep it self-contained (no
+This module imports only ``fnmatch``, ``math`` and ``torch``: its source is copied verbatim into
+every generated ``model.py`` so that file needs nothing but torch. Keep it self-contained (no
 imports from ``surgery``), and keep every top-level name prefixed ``caffe_`` or ``Caffe``.
 """
 
 # ruff: noqa: B008
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -698,3 +699,174 @@ def caffe_detection_output(
         out = torch.full((num, 7), -1.0, dtype=torch.float32, device=dev)
         out[:, 0] = torch.arange(num, dtype=torch.float32, device=dev)
     return out.reshape(1, 1, -1, 7)
+
+
+# -- fine-tuning helpers (also in every model.py) ---------------------------------------------
+def caffe_tables(model: nn.Module) -> tuple[nn.Module, dict, dict]:
+    """``(inner module, lr table, names table)`` of an exported model.
+
+    Unwraps ``torch.compile`` (``_orig_mod``) and DataParallel/DDP (``module``). The lr table
+    maps a parameter name to ``(lr_mult, decay_mult)`` (the instance's ``caffe_lr``, else the
+    class's ``CAFFE_LR``); the names table maps a parameter/buffer name to ``{"layer", "blob"}``.
+    """
+    inner = model
+    for _ in range(4):
+        if "_orig_mod" in inner._modules:  # torch.compile (it forwards attribute reads)
+            inner = inner._modules["_orig_mod"]
+        elif type(inner).__name__ in ("DistributedDataParallel", "DataParallel"):
+            inner = inner.module
+        else:
+            break
+    lr = getattr(inner, "caffe_lr", None)
+    if lr is None:
+        lr = getattr(type(inner), "CAFFE_LR", {})
+    names = getattr(inner, "caffe_names", None)
+    if names is None:
+        names = getattr(type(inner), "CAFFE_NAMES", {})
+    return inner, lr, names
+
+
+def caffe_param_groups(model: nn.Module, base_lr: float, weight_decay: float = 0.0,
+                       unfrozen: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
+    """Optimizer groups with Caffe's multipliers, following the *current* ``requires_grad``.
+
+    A parameter with ``requires_grad=False`` is left out. A trainable parameter takes its
+    ``(lr_mult, decay_mult)`` from the lr table; one whose table entry has lr_mult 0 (frozen in
+    Caffe, made trainable in torch since) takes ``unfrozen`` (Caffe's defaults 1, 1, as
+    ``surgery unfreeze`` writes). One group per pair: ``lr = base_lr * lr_mult``,
+    ``weight_decay = weight_decay * decay_mult``, plus ``lr_mult``, ``decay_mult``, ``names``.
+    """
+    inner, lr, _ = caffe_tables(model)
+    groups: dict = {}
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        lm, dm = lr.get(name, (1.0, 1.0))
+        if lm == 0.0:
+            lm, dm = unfrozen
+        g = groups.setdefault((lm, dm), {"params": [], "names": [], "lr": base_lr * lm,
+                                         "weight_decay": weight_decay * dm, "lr_mult": lm,
+                                         "decay_mult": dm})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def caffe_layer_of(names: dict, key: str) -> str:
+    """The Caffe layer of a parameter/buffer name (its module's name when not recorded)."""
+    entry = names.get(key)
+    if entry and entry.get("layer") is not None:
+        return str(entry["layer"])
+    return key.rsplit(".", 1)[0]
+
+
+def caffe_match(layer: str, module: str, patterns) -> bool:
+    """True when a glob matches the Caffe layer name or the module's (sanitized) name."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(module, p) for p in patterns)
+
+
+def caffe_per_blob(value, blob: int) -> float:
+    """``W`` for every blob, or ``(W, B)``: blob 0 gets W, the others B."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    vals = [float(v) for v in value]
+    return vals[0] if blob == 0 or len(vals) == 1 else vals[min(blob, len(vals) - 1)]
+
+
+def caffe_set_trainable(model: nn.Module, layers=None, trainable: bool = True, lr_mult=None,
+                        decay_mult=None, except_=None) -> list[str]:
+    """Make the parameters of some layers trainable (or frozen), with their multipliers.
+
+    ``layers``/``except_``: globs over Caffe layer names (or module names); None: every layer.
+    ``trainable=True`` sets ``requires_grad`` and the lr table: ``lr_mult``/``decay_mult`` (W
+    or (W, B)) when given; otherwise a blob frozen in Caffe (lr_mult 0) gets 1/1 and a blob
+    already learning keeps its values. ``trainable=False`` clears ``requires_grad`` and keeps
+    the table (so a later ``trainable=True`` restores the Caffe multipliers). Every glob must
+    match a layer (ValueError). Returns the parameter names changed, in module order.
+    """
+    inner, lr, names = caffe_tables(model)
+    if not trainable and (lr_mult is not None or decay_mult is not None):
+        raise ValueError("lr_mult/decay_mult only with trainable=True")
+    for what, v in (("lr_mult", lr_mult), ("decay_mult", decay_mult)):
+        if v is None:
+            continue
+        vals = [v] if isinstance(v, (int, float)) else list(v)
+        if not vals or any(float(x) < 0 for x in vals):
+            raise ValueError(f"{what} must be non-negative (W or W,B); got {v!r}")
+        if what == "lr_mult" and any(float(x) == 0 for x in vals):
+            raise ValueError("lr_mult 0 freezes: use trainable=False")
+    if getattr(inner, "caffe_lr", None) is not lr:  # a class table: copy before writing
+        lr = dict(lr)
+        inner.caffe_lr = lr
+    entries = list(inner.named_parameters(remove_duplicate=False))
+    for what, pats in (("layers", layers), ("except_", except_)):
+        if pats is None:
+            continue
+        for pat in [pats] if isinstance(pats, str) else pats:
+            if not any(caffe_match(caffe_layer_of(names, k), k.rsplit(".", 1)[0], pat)
+                       for k, _ in entries):
+                raise ValueError(f"{what}: {pat!r} matches no layer with parameters")
+    aliases: dict = {}
+    for key, p in entries:
+        aliases.setdefault(id(p), []).append(key)
+    done: list[str] = []
+    seen: set = set()
+    for key, p in entries:
+        module = key.rsplit(".", 1)[0]
+        layer = caffe_layer_of(names, key)
+        if layers is not None and not caffe_match(layer, module, layers):
+            continue
+        if except_ is not None and caffe_match(layer, module, except_):
+            continue
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        p.requires_grad_(trainable)
+        if trainable:
+            entry = names.get(key) or {}
+            blob = entry.get("blob")
+            if blob is None:
+                blob = 0 if key.endswith(".weight") else 1
+            lm, dm = lr.get(key, (1.0, 1.0))
+            was_frozen = lm == 0.0
+            lm = caffe_per_blob(lr_mult, blob) if lr_mult is not None else (1.0 if was_frozen
+                                                                             else lm)
+            dm = (caffe_per_blob(decay_mult, blob) if decay_mult is not None
+                  else (1.0 if was_frozen else dm))
+            for k in aliases[id(p)]:
+                lr[k] = (lm, dm)
+        done.append(key)
+    return done
+
+
+def caffe_freeze_bn(model: nn.Module, layers=None, fixed: bool = True) -> list[str]:
+    """Keep BatchNorm statistics fixed (``use_global_stats: true``) under ``model.train()``.
+
+    Applies to Caffe ``BatchNorm`` modules (and the PSPNet fork's ``BN``, through its
+    ``frozen`` flag) whose Caffe layer (or module) name matches a glob of ``layers`` (None:
+    all). ``fixed=False`` returns them to Caffe's default: the batch's statistics in TRAIN,
+    the stored ones in TEST. Every glob must match such a layer (ValueError). Returns the Caffe
+    layer names changed.
+    """
+    inner, _, names = caffe_tables(model)
+    found = []
+    for mname, m in inner.named_modules():
+        kind = type(m).__name__
+        if kind == "CaffeBatchNorm" or (kind == "CaffeBN" and getattr(m, "mode", "") == "pspnet"):
+            found.append((caffe_layer_of(names, f"{mname}.running_mean"), mname, m))
+    if layers is not None:
+        for pat in [layers] if isinstance(layers, str) else layers:
+            if not any(caffe_match(lay, mname, pat) for lay, mname, _ in found):
+                raise ValueError(f"layers: {pat!r} matches no BatchNorm layer")
+    done = []
+    for lay, mname, m in found:
+        if layers is not None and not caffe_match(lay, mname, layers):
+            continue
+        if type(m).__name__ == "CaffeBatchNorm":
+            m.use_global_stats = True if fixed else None
+        else:
+            m.frozen = bool(fixed)
+        done.append(lay)
+    return done
