@@ -250,3 +250,36 @@ def test_transplant_from_several_sources_later_overrides(tmp_path, capsys):
     assert np.array_equal(got.layer("conv1").params[0].data, net.layer("conv1").params[0].data)
     assert "from " in capsys.readouterr().out
     assert transplant  # the library op is the function, not the module
+
+
+def test_insert_eltwise_hed_with_weights_feeds_pool1(tmp_path, capsys):
+    # issue 7 item 1 through the CLI: the report names the rewired consumer; weights carried
+    out, out_w = tmp_path / "hed.prototxt", tmp_path / "hed.caffemodel"
+    proto, weights = ZOO / "hed" / "deploy.prototxt", GOLDEN / "hed" / "weights.caffemodel"
+    rc, text, _ = _run(capsys, "insert-eltwise", proto, "-o", out, "--bottoms", "relu1_2",
+                       "score-dsn1", "--weights", weights, "--out-weights", out_w)
+    assert rc == 0
+    assert "pool1: rewired bottom 0: 'conv1_2' -> 'conv1_2_prod'" in text
+    net = _valid(out, out_w)
+    assert net.layer("pool1").bottoms == ["conv1_2_prod"]
+    assert net.layer("conv1_2").blobs[0].shape == (64, 64, 3, 3)
+    rc, text, _ = _run(capsys, "insert-eltwise", proto, "-o", out, "--in-place", "--bottoms",
+                       "relu1_2", "score-dsn1", "--no-rewire")
+    assert rc == 0 and "net output" in text
+    assert _valid(out).layer("pool1").bottoms == ["conv1_2"]
+
+
+def test_insert_feed_option(tiny, tmp_path, capsys):
+    out = tmp_path / "out.prototxt"
+    rc, text, _ = _run(capsys, "insert-eltwise", tiny, "-o", out, "--bottoms", "relu_a", "b",
+                       "--feed", "d", "--json")
+    assert rc == 0 and json.loads(text)["data"]["rewired"] == ["d"]
+    assert _valid(out).layer("c").bottoms == ["a"]
+    rc, _, err = _run(capsys, "insert-gate", tiny, "-o", out, "--in-place", "--at", "relu_a",
+                      "--feed", "zz")
+    _one_line_error(rc, err, "--feed zz", "not a reader")
+    rc, text, _ = _run(capsys, "insert-gate", tiny, "-o", out, "--in-place", "--at", "relu_a",
+                       "--feed", "c")
+    net = _valid(out)
+    assert rc == 0 and net.layer("c").bottoms == ["relu_a_gated"]
+    assert net.layer("d").bottoms == ["a", "c"]

@@ -85,9 +85,15 @@ def test_eltwise_keeps_readers_that_feed_b(tiny):
 
 
 def test_layer_name_means_own_output_before_inplace(tiny):
-    # 'a' is conv a's own output; relu_a overwrites it before b exists -> clear error
+    # 'a' is conv a's own output; relu_a overwrites it before b exists: b moves up so the
+    # product exists before relu_a, and relu_a continues on the product
+    new, rep = insert_eltwise(tiny, ("a", "b"))
+    assert [lay.name for lay in new.layers][:5] == ["data", "a", "b", "a_prod", "relu_a"]
+    assert new.layer("relu_a").bottoms == ["a_prod"] and new.layer("relu_a").tops == ["a_prod"]
+    assert rep.data["moved"] == ["b"] and rep.data["rewired"] == ["relu_a", "c", "d"]
+    # without rewiring nothing moves, and relu_a overwrites 'a' before b exists: clear error
     with pytest.raises(NetError, match="overwritten in place by layer 'relu_a'.*Name 'relu_a'"):
-        insert_eltwise(tiny, ("a", "b"))
+        insert_eltwise(tiny, ("a", "b"), rewire=False)
 
 
 def test_cycle_is_an_error(tiny):
@@ -118,10 +124,12 @@ def test_one_channel_against_c_gets_a_tile(tiny, tmp_path):
     assert rep.data["tile"] == "a_prod_tile"
     assert any("Tile" in c["what"] and "1x4x8x8 x 1x1x8x8" in c["what"] for c in rep.changed)
     _roundtrip(new, tmp_path)
-    # the 1-channel bottom first: tiled too, with a note about A's readers
+    # the 1-channel bottom first: tiled too, and the product still takes over the readers of
+    # the C-channel bottom (issue 7 item 1: the feature map, not the mask)
     new2, rep2 = insert_eltwise(tiny, ("m", "relu_a"))
     assert new2.layer("m_prod").bottoms == ["m_prod_tile", "a"]
-    assert any("1 channel" in n for n in rep2.notes)
+    assert new2.layer("c").bottoms == ["m_prod"] and new2.layer("d").bottoms == ["m_prod", "c"]
+    assert rep2.data["feature"] == "relu_a" and rep2.data["rewired"] == ["c", "d"]
 
 
 def test_issue_example_mask_times_features(tmp_path):
@@ -172,9 +180,13 @@ def test_eltwise_on_zoo_googlenet_train_val_all_phases(tmp_path):
         node = flow.node("inception_4a/output_sum")
         assert [v.producer.layer.name for v in node.inputs] == [
             "inception_4a/output", "inception_4b/output"]
-    # the aux head loss1 reads 4a's output before 4b exists: it stays; 4b's branches too
-    assert new.layer("loss1/ave_pool").bottoms == ["inception_4a/output"]
+    # the aux head loss1 reads 4a's output before 4b exists: 4b moves up and loss1 reads the
+    # sum; 4b's branches feed the other bottom, so they keep reading 4a
+    assert new.layer("loss1/ave_pool").bottoms == ["inception_4a/output_sum"]
     assert new.layer("inception_4b/1x1").bottoms == ["inception_4a/output"]
+    assert rep.data["rewired"] == ["loss1/ave_pool"] and len(rep.data["moved"]) == 14
+    names = [lay.name for lay in new.layers]
+    assert names.index("inception_4b/output") < names.index("loss1/ave_pool")
     assert not new.layer("inception_4a/output_sum").include
     _roundtrip(new, tmp_path)
 
@@ -365,7 +377,8 @@ layer { name: "w" type: "TanH" bottom: "t" top: "w" include { phase: TEST } }
     new, rep = insert_eltwise(caffe_io.load(p), ("t", "v"))
     elt = new.layer("t_prod")
     assert [r.phase for r in elt.include] == ["TEST"] and rep.data["phases"] == ["TEST"]
-    assert new.layer("u").bottoms == ["t"] and new.layer("w").bottoms == ["t_prod"]
+    assert new.layer("u").bottoms == ["t_prod"] and new.layer("w").bottoms == ["t_prod"]
+    assert rep.data["moved"] == ["v"]
     _roundtrip(new, tmp_path)
 
 
@@ -400,3 +413,100 @@ def test_identity_gate_channels_1_through_torch(golden, at, random_too):
     if random_too:
         rand, _ = insert_gate(net, at, init="random", seed=4)
         assert run(rand) > 100 * meta["tolerance"]
+
+
+# -- issue 7 item 1: the product feeds the next layer ----------------------------------------
+SEED_CASE = """
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "feat" type: "Convolution" bottom: "data" top: "feat"
+        convolution_param { num_output: 32 kernel_size: 3 pad: 1 } }
+layer { name: "relu_feat" type: "ReLU" bottom: "feat" top: "feat" }
+layer { name: "next" type: "Convolution" bottom: "feat" top: "next"
+        convolution_param { num_output: 8 kernel_size: 1 } }
+layer { name: "mask" type: "Convolution" bottom: "data" top: "mask"
+        convolution_param { num_output: 1 kernel_size: 3 pad: 1 } }
+"""
+
+
+@pytest.fixture()
+def seed_case(tmp_path: Path):
+    p = tmp_path / "seed.prototxt"
+    p.write_text(SEED_CASE)
+    return caffe_io.load(p)
+
+
+def test_seed_case_map_first_feeds_the_next_convolution(seed_case, tmp_path):
+    # the 1x1xHxW map named first, the 1x32xHxW map second; the mask is written after the
+    # convolution that reads the features: before the fix the Eltwise went last and `next`
+    # kept reading the raw features
+    new, rep = insert_eltwise(seed_case, ("mask", "relu_feat"), "prod", name="att")
+    assert new.layer("next").bottoms == ["att"]
+    assert new.layer("att").bottoms == ["att_tile", "feat"]
+    names = [lay.name for lay in new.layers]
+    assert names.index("mask") < names.index("att") < names.index("next")
+    assert rep.data["feature"] == "relu_feat" and rep.data["rewired"] == ["next"]
+    assert rep.data["moved"] == ["mask"]
+    assert any(c["layer"] == "next" and "reads the product 'att'" in c["what"]
+               for c in rep.changed)
+    flow = resolve(new, NetState("TEST"))
+    assert [v.producer.layer.name for v in flow.node("next").inputs] == ["att"]
+    _roundtrip(new, tmp_path)
+
+
+def test_feed_and_no_rewire(seed_case, tiny):
+    new, rep = insert_eltwise(seed_case, ("mask", "relu_feat"), name="att", rewire=False)
+    assert new.layer("next").bottoms == ["feat"] and rep.data["rewired"] == []
+    assert any("net output" in n for n in rep.notes)
+    assert any(k["layer"] == "next" and "--no-rewire" in k["why"] for k in rep.left)
+    # --feed: only the named consumers (d reads the product, c keeps a)
+    new, rep = insert_eltwise(tiny, ("relu_a", "b"), "sum", feed=["d"])
+    assert new.layer("c").bottoms == ["a"] and new.layer("d").bottoms == ["a_sum", "c"]
+    assert rep.data["rewired"] == ["d"]
+    new, _ = insert_eltwise(tiny, ("relu_a", "b"), "sum", feed="c,d")
+    assert new.layer("c").bottoms == ["a_sum"] and new.layer("d").bottoms == ["a_sum", "c"]
+    with pytest.raises(NetError, match=r"--feed s: not a reader of 'a'.*c, d"):
+        insert_eltwise(tiny, ("relu_a", "b"), feed=["s"])
+    with pytest.raises(NetError, match="feeds the other bottom"):
+        insert_eltwise(tiny, ("relu_a", "c"), feed=["c"])
+
+
+@pytest.mark.parametrize("proto", ["deploy.prototxt", "train_val.prototxt"])
+def test_hed_side_output_times_features_feeds_pool1(proto, tmp_path):
+    # issue 7 item 1: HED, --bottoms relu1_2 score-dsn1 (64 channels x a 1-channel side output
+    # written after the whole trunk): score-dsn1 moves up, pool1 reads the product
+    net = caffe_io.load(ZOO / "hed" / proto)
+    new, rep = insert_eltwise(net, ("relu1_2", "score-dsn1"), "prod")
+    assert new.layer("pool1").bottoms == ["conv1_2_prod"]
+    assert new.layer("score-dsn1").bottoms == ["conv1_2"]
+    if proto == "deploy.prototxt":
+        assert new.layer("conv1_2_prod_tile").attrs == {"axis": 1, "tiles": 64}
+    else:  # train_val reads a fork's data layer: shapes unknown, said so
+        assert any("shapes unknown" in n for n in rep.notes)
+    assert rep.data["rewired"] == ["pool1"] and rep.data["moved"] == ["score-dsn1"]
+    names = [lay.name for lay in new.layers]
+    assert (names.index("relu1_2") < names.index("score-dsn1") < names.index("conv1_2_prod")
+            < names.index("pool1"))
+    for phase in rep.data["phases"]:
+        flow = resolve(new, NetState(phase))
+        assert flow.node("pool1").inputs[0].producer.layer.name == "conv1_2_prod"
+        assert flow.node("score-dsn1").inputs[0].producer.layer.name == "relu1_2"
+        # nothing else changed what it reads (HED repeats layer names: compare as multisets)
+        def reads(f):
+            return sorted((n.layer.name, tuple((v.producer.layer.name, v.top_index)
+                                               for v in n.inputs))
+                          for n in f.nodes if n.layer.name != "pool1"
+                          and not n.layer.name.startswith("conv1_2_prod"))
+        assert reads(flow) == reads(resolve(net, NetState(phase)))
+    _roundtrip(new, tmp_path)
+
+
+def test_gate_gets_customary_bias_multipliers(tiny, tmp_path):
+    # issue 7 item 7: a new learnable layer gets weight 1/1, bias lr_mult 2 decay_mult 0
+    new, rep = insert_gate(tiny, "relu_a")
+    gate = new.layer("relu_a_gate")
+    assert [(p.lr_mult, p.decay_mult) for p in gate.params] == [(1.0, 1.0), (2.0, 0.0)]
+    assert any("bias lr_mult 2 decay_mult 0" in c["what"] for c in rep.changed)
+    back = _roundtrip(new, tmp_path)
+    assert [(p.lr_mult, p.decay_mult) for p in back.layer("relu_a_gate").params] == [
+        (1.0, 1.0), (2.0, 0.0)]

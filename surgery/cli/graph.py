@@ -47,7 +47,8 @@ def cmd_insert_eltwise(args: argparse.Namespace) -> int:
         except ValueError:
             raise CliError(f"--coeff must be C1,C2 (numbers); got {args.coeff!r}") from None
     net = load_for_edit(args, weights_need_output=True)
-    new, report = insert_eltwise(net, args.bottoms, args.operation, coeff, args.name)
+    new, report = insert_eltwise(net, args.bottoms, args.operation, coeff, args.name,
+                                 feed=args.feed, rewire=not args.no_rewire)
     return _save(args, new, report)
 
 
@@ -57,7 +58,8 @@ def cmd_insert_gate(args: argparse.Namespace) -> int:
     net = load_for_edit(args, weights_need_output=True)
     channels: int | str = 1 if args.channels == "1" else "same"
     new, report = insert_gate(net, args.at, channels, args.activation, args.init,
-                              name=args.name, seed=args.seed)
+                              name=args.name, seed=args.seed, feed=args.feed,
+                              rewire=not args.no_rewire)
     return _save(args, new, report)
 
 
@@ -125,15 +127,25 @@ def cmd_transplant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rewire_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--feed", action="append", metavar="LAYER[,LAYER]",
+                   help="the consumers that read the product (default: every reader of the "
+                   "bottom whose shape the product has)")
+    g.add_argument("--no-rewire", action="store_true",
+                   help="rewire no consumer: the product is a new net output")
+
+
 def register(sub: Any) -> None:
     """Add the verbs to the ``surgery`` argument parser's subparsers."""
     p = sub.add_parser(
         "insert-eltwise",
-        help="add an Eltwise (prod/sum/max) on two values; later readers of A read it",
-        description="Add an Eltwise layer on A and B after both are produced and rewire the "
-        "later readers of A to its output. A name is a LAYER (its own output, before any "
-        "in-place layer), LAYER:i (top i), or a blob (its last version). 1 channel against C "
-        "channels gets a Tile.",
+        help="add an Eltwise (prod/sum/max) on two values; it feeds their consumers",
+        description="Add an Eltwise layer on A and B right after both are produced and make "
+        "the consumers of the bottom whose shape the product has (A when equal) read it; "
+        "--feed names them, --no-rewire keeps them. A name is a LAYER (its own output, before "
+        "any in-place layer), LAYER:i (top i), or a blob (its last version). 1 channel against "
+        "C channels gets a Tile.",
     )
     p.add_argument("net", help="NET.prototxt")
     p.add_argument("-o", "--output", required=True, help="OUT.prototxt")
@@ -141,6 +153,9 @@ def register(sub: Any) -> None:
     p.add_argument("--operation", default="prod", choices=["prod", "sum", "max"])
     p.add_argument("--coeff", help="C1,C2 (sum only)")
     p.add_argument("--name", help="name of the new layer and its top")
+    _rewire_options(p)
+    p.add_argument("--weights", help="IN.caffemodel (carried over; the new layers have none)")
+    p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_insert_eltwise)
@@ -159,6 +174,7 @@ def register(sub: Any) -> None:
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "none"])
     p.add_argument("--init", default="random", choices=["random", "identity"])
     p.add_argument("--name", help="prefix of the new layers (default: LAYER)")
+    _rewire_options(p)
     p.add_argument("--weights", help="IN.caffemodel")
     p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
     p.add_argument("--seed", type=int, default=None,

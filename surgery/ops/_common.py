@@ -41,6 +41,8 @@ __all__ = [
     "param_shapes",
     "learnable_count",
     "ensure_params",
+    "CUSTOMARY_MULTS",
+    "customary_mults",
     "new_layer_weights",
     "fill_new_weights",
     "fill_missing_weights",
@@ -205,6 +207,31 @@ def ensure_params(layer: Layer, count: int) -> None:
 
     while len(layer.params) < count:
         layer.params.append(Param())
+
+
+# Caffe's customary multipliers for a new learnable layer (as BVLC's nets write them): weight
+# lr_mult 1 / decay_mult 1, bias lr_mult 2 / decay_mult 0 (the bias learns twice as fast and
+# is not decayed).
+CUSTOMARY_MULTS: tuple[tuple[float, float], ...] = ((1.0, 1.0), (2.0, 0.0))
+
+
+def customary_mults(layer: Layer) -> str | None:
+    """Give a new weight+bias layer with no ``param { }`` spec :data:`CUSTOMARY_MULTS`.
+
+    Only Convolution/Deconvolution/InnerProduct/Embed layers with a bias (``bias_term`` not
+    false) are touched; a layer whose params already carry a spec keeps it.
+
+    Returns:
+        A sentence for the report, or None when nothing was set.
+    """
+    if layer.type not in WEIGHT_BIAS_TYPES or learnable_count(layer) != 2:
+        return None
+    if any(p.has_spec for p in layer.params):
+        return None
+    ensure_params(layer, 2)
+    for p, (lr, decay) in zip(layer.params, CUSTOMARY_MULTS, strict=False):
+        p.lr_mult, p.decay_mult, p.declared = lr, decay, True
+    return "weight lr_mult 1 decay_mult 1, bias lr_mult 2 decay_mult 0 (Caffe's customary)"
 
 
 def new_layer_weights(net: Net, layer: Layer | str, rng: np.random.Generator) -> list[np.ndarray]:

@@ -13,15 +13,16 @@ How a bottom is named (the same for ``insert_eltwise``'s ``bottoms`` and ``inser
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from ..dataflow import Dataflow, Value, resolve
+from ..dataflow import Dataflow, Node, Value, resolve
 from ..errors import LayerNotFoundError, NetError, ShapeMismatchError, did_you_mean
-from ..net import Layer, Net, NetState, Param, Rule, freeze_array
-from ._common import finish, flows, infer_shapes, make_rng, unique_name
+from ..net import Layer, Net, NetState, Rule, freeze_array
+from . import rewire
+from ._common import customary_mults, finish, flows, infer_shapes, make_rng, unique_name
 from .report import Report
 
 __all__ = ["insert_eltwise", "insert_gate", "OPERATIONS", "IDENTITY_SIGMOID_BIAS"]
@@ -80,7 +81,7 @@ def _describe(flow: Dataflow, value: Value) -> str:
     return text + ")"
 
 
-# -- the shared core: place an Eltwise on two values and rewire later readers -------------------
+# -- the shared core: place an Eltwise on two values and rewire consumers ---------------------
 @dataclass
 class _Placed:
     eltwise: str
@@ -88,8 +89,10 @@ class _Placed:
     tiled: str | None  # which bottom got the Tile ("a" or "b")
     position: int
     phases: list[str]
+    feature: str = "a"  # the bottom whose shape the product has ("a" or "b")
     rewired: list[dict[str, Any]] = field(default_factory=list)
     kept: list[dict[str, Any]] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
     shapes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,29 +123,12 @@ def _tile_plan(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[str, int] | No
     return None
 
 
-def _rename_plan(flow: Dataflow, value: Value, new_blob: str, position: int
-                 ) -> dict[tuple[int, str, int], tuple[Layer, str]]:
-    """Edits that make every reader of ``value`` at or after ``position`` read ``new_blob``;
-    an in-place reader continues the value, so its top (and its readers) follow."""
-    edits: dict[tuple[int, str, int], tuple[Layer, str]] = {}
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        for node, bi in flow.consumers(v):
-            if node.net_index < position:
-                continue
-            edits[(id(node.layer), "bottom", bi)] = (node.layer, new_blob)
-            if bi < len(node.inplace) and node.inplace[bi]:
-                edits[(id(node.layer), "top", bi)] = (node.layer, new_blob)
-                stack.append(node.outputs[bi])
-    return edits
+_Active = dict[str, tuple[Dataflow, Any, Value, Value]]
 
 
-def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: list[float] | None,
-                   name: str | None, tile_name: str | None, what: str) -> _Placed:
-    """Rules 1-7 of :func:`insert_eltwise`, applied in place to ``net`` (the op's own copy)."""
+def _activate(net: Net, a_spec: str, b_spec: str, what: str) -> tuple[dict[str, Any], _Active]:
     views = _views(net)
-    active: dict[str, tuple[Dataflow, Any, Value, Value]] = {}
+    active: _Active = {}
     for phase, (flow, info) in views.items():
         va, vb = _resolve_edge(flow, net, a_spec), _resolve_edge(flow, net, b_spec)
         if va is not None and vb is not None:
@@ -152,30 +138,12 @@ def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: li
             f"{what}: {a_spec!r} and {b_spec!r} are never in the same phase "
             f"(checked {', '.join(views)}); both bottoms must exist in one net"
         )
-    # rule 1: after both producers, in every phase
-    position = 1 + max(
-        max(va.producer.net_index, vb.producer.net_index) for _, _, va, vb in active.values()
-    )
-    # rule 2: neither value may be overwritten in place before the Eltwise reads it
-    for flow, _, va, vb in active.values():
-        for spec, v, other, other_spec in ((a_spec, va, vb, b_spec), (b_spec, vb, va, a_spec)):
-            for node, bi in flow.consumers(v):
-                if node.net_index >= position or not (bi < len(node.inplace) and node.inplace[bi]):
-                    continue
-                feeds = any(n is node for n in flow.ancestors(other.producer))
-                verb = "produces" if node is other.producer else "feeds"
-                why = (
-                    f"and {node.layer.name!r} {verb} {other_spec!r}, so the Eltwise would have to "
-                    "run both before and after it: rewiring it would create a cycle"
-                    if feeds
-                    else f"before {other_spec!r} is produced, so Caffe no longer holds it there"
-                )
-                raise NetError(
-                    f"{what}: bottom {spec!r} {_describe(flow, v)} is overwritten in place by "
-                    f"layer {node.layer.name!r} {why}. Name {node.layer.name!r} to use the value "
-                    f"after it, or give {node.layer.name!r} its own top so both values exist"
-                )
-    # rule 3/4: shapes, Tile for 1 vs C channels
+    return views, active
+
+
+def _plan_tile(active: _Active, a_spec: str, b_spec: str, what: str
+               ) -> tuple[tuple[str, int] | None, dict[str, Any]]:
+    """Rules 3/4: equal shapes, or a Tile for 1 channel against C."""
     tiled: tuple[str, int] | None = None
     decided = False
     shapes: dict[str, Any] = {}
@@ -199,6 +167,126 @@ def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: li
                 "one Eltwise consistently for all phases"
             )
         tiled, decided = plan, True
+    return tiled, shapes
+
+
+def _choose(active: _Active, feature: str, feed: list[str] | None, enabled: bool, what: str
+            ) -> tuple[dict[str, list[tuple[Node, int]]], list[dict[str, Any]]]:
+    """Rule 5: the readers of the feature bottom that read the product, per phase."""
+    chosen: dict[str, list[tuple[Node, int]]] = {}
+    kept: list[dict[str, Any]] = []
+    wanted = None if feed is None else list(dict.fromkeys(feed))
+    readers: set[str] = set()
+    for phase, (flow, _, va, vb) in active.items():
+        vf, vo = (va, vb) if feature == "a" else (vb, va)
+        feeds_other = {id(n) for n in flow.ancestors(vo.producer)}
+        chosen[phase] = []
+        for node, bi in flow.consumers(vf):
+            lname = node.layer.name
+            readers.add(lname)
+            why = None
+            if not enabled:
+                why = f"reads {vf.name!r} (bottom {bi}); --no-rewire"
+            elif wanted is not None and lname not in wanted:
+                why = f"reads {vf.name!r} (bottom {bi}); not named in --feed"
+            elif id(node) in feeds_other:
+                if wanted is not None:
+                    raise NetError(
+                        f"{what}: --feed {lname!r}: that layer feeds the other bottom "
+                        f"{vo.name!r}, so reading the product would create a cycle"
+                    )
+                why = f"reads {vf.name!r} (bottom {bi}) and feeds the other bottom {vo.name!r}"
+            if why is None:
+                chosen[phase].append((node, bi))
+            elif not any(k["layer"] == lname for k in kept):
+                kept.append({"layer": lname, "why": why})
+    if wanted is not None:
+        missing = [n for n in wanted if n not in readers]
+        if missing:
+            v = next(iter(active.values()))
+            vf = v[2] if feature == "a" else v[3]
+            raise NetError(
+                f"{what}: --feed {', '.join(missing)}: not a reader of {vf.name!r} (the bottom "
+                f"whose shape the product has); its readers are: "
+                f"{', '.join(sorted(readers)) or 'none'}"
+            )
+    return chosen, kept
+
+
+def _hoist_producers(net: Net, active: _Active, chosen: dict[str, list[tuple[Node, int]]],
+                     what: str) -> list[str]:
+    """Rule 1: when a consumer to take over comes before the later producer in the file, move
+    the producers' ancestors that sit at or after that consumer to just before it."""
+    first: Node | None = None
+    for nodes in chosen.values():
+        for node, _ in nodes:
+            if first is None or node.net_index < first.net_index:
+                first = node
+    last = max(max(va.producer.net_index, vb.producer.net_index)
+               for _, _, va, vb in active.values())
+    if first is None or last < first.net_index:
+        return []
+    movers: dict[int, Layer] = {}
+    for flow, _, va, vb in active.values():
+        for n in flow.ancestors(va.producer) + flow.ancestors(vb.producer):
+            if n.net_index >= first.net_index:
+                movers[id(n.layer)] = n.layer
+    taking = {id(n.layer) for nodes in chosen.values() for n, _ in nodes}
+    if taking & set(movers):  # pragma: no cover - _choose drops readers that feed a bottom
+        raise NetError(f"{what}: a consumer to rewire feeds a bottom: a cycle")
+    before = {p: rewire.edges(flow) for p, (flow, _, _, _) in active.items()}
+    order = [lay for lay in net.layers if id(lay) in movers]
+    rewire.hoist(net, order, first.layer)
+    for phase in before:
+        after = rewire.edges(resolve(net, NetState(phase)))
+        bad = rewire.changed_edges(before[phase], after)
+        if bad:
+            names = {id(lay): lay.name for lay in net.layers}
+            raise NetError(
+                f"{what}: the product must be computed before {first.layer.name!r}, which "
+                f"means moving {', '.join(lay.name for lay in order)} up, but then "
+                f"{', '.join(sorted({names[k[0]] for k in bad}))} would read other values in "
+                f"the {phase} net. Use --feed to choose later consumers, or --no-rewire"
+            )
+    return [lay.name for lay in order]
+
+
+def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: list[float] | None,
+                   name: str | None, tile_name: str | None, what: str,
+                   feed: list[str] | None = None, rewire_: bool = True) -> _Placed:
+    """Rules 1-7 of :func:`insert_eltwise`, applied in place to ``net`` (the op's own copy)."""
+    views, active = _activate(net, a_spec, b_spec, what)
+    tiled, shapes = _plan_tile(active, a_spec, b_spec, what)
+    feature = "b" if tiled is not None and tiled[0] == "a" else "a"
+    chosen, kept = _choose(active, feature, feed, rewire_, what)
+    moved = _hoist_producers(net, active, chosen, what)
+    if moved:  # the file order changed: resolve again (values are named by layer + top)
+        specs = [f"{v.producer.layer.name}:{v.top_index}" for v in next(iter(active.values()))[2:]]
+        views, active = _activate(net, specs[0], specs[1], what)
+        chosen, kept = _choose(active, feature, feed, rewire_, what)
+    # rule 1: after both producers, in every phase
+    position = 1 + max(
+        max(va.producer.net_index, vb.producer.net_index) for _, _, va, vb in active.values()
+    )
+    # rule 2: neither value may be overwritten in place before the Eltwise reads it
+    for flow, _, va, vb in active.values():
+        for spec, v, other, other_spec in ((a_spec, va, vb, b_spec), (b_spec, vb, va, a_spec)):
+            for node, bi in flow.consumers(v):
+                if node.net_index >= position or not (bi < len(node.inplace) and node.inplace[bi]):
+                    continue
+                feeds = any(n is node for n in flow.ancestors(other.producer))
+                verb = "produces" if node is other.producer else "feeds"
+                why = (
+                    f"and {node.layer.name!r} {verb} {other_spec!r}, so the Eltwise would have to "
+                    "run both before and after it: rewiring it would create a cycle"
+                    if feeds
+                    else f"before {other_spec!r} is produced, so Caffe no longer holds it there"
+                )
+                raise NetError(
+                    f"{what}: bottom {spec!r} {_describe(flow, v)} is overwritten in place by "
+                    f"layer {node.layer.name!r} {why}. Name {node.layer.name!r} to use the value "
+                    f"after it, or give {node.layer.name!r} its own top so both values exist"
+                )
     # names (rule 6)
     base = OPERATIONS_REV.get(operation, operation.lower())
     a_blob = active[next(iter(active))][2].name
@@ -210,27 +298,17 @@ def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: li
         elt_name = name
     else:
         elt_name = unique_name(net, f"{a_blob}_{base}")
-    # rule 5: rewire readers of A at or after the Eltwise
-    plans = {p: _rename_plan(flow, va, elt_name, position) for p, (flow, _, va, _) in
+    # rule 5: the chosen readers (and in-place chains on them) read the product
+    plans = {p: rewire.takeover(flow, chosen[p], elt_name) for p, (flow, _, _, _) in
              active.items()}
     _check_consistent(plans, {p: v[0] for p, v in active.items()}, what)
-    placed = _Placed(elt_name, None, None, position, list(active), shapes=shapes)
-    edits: dict[tuple[int, str, int], tuple[Layer, str]] = {}
+    placed = _Placed(elt_name, None, None, position, list(active), feature=feature,
+                     kept=kept, moved=moved, shapes=shapes)
+    edits: rewire.Edit = {}
     for plan in plans.values():
         edits.update(plan)
-    for (_, kind, idx), (layer, blob) in sorted(
-        edits.items(), key=lambda kv: (net.layers.index(kv[1][0]), kv[0][1], kv[0][2])
-    ):
-        old = (layer.tops if kind == "top" else layer.bottoms)[idx]
-        (layer.tops if kind == "top" else layer.bottoms)[idx] = blob
-        placed.rewired.append({"layer": layer.name, "what": f"{kind} {idx}: {old!r} -> {blob!r}"})
-    for flow, _, va, _ in active.values():
-        for node, bi in flow.consumers(va):
-            if node.net_index < position and not any(
-                k["layer"] == node.layer.name for k in placed.kept
-            ):
-                placed.kept.append({"layer": node.layer.name,
-                                    "why": f"reads {va.name!r} (bottom {bi}) before the Eltwise"})
+    before = {p: rewire.edges(flow) for p, (flow, _, _, _) in active.items()}
+    placed.rewired = rewire.apply_edits(net, edits)
     # rule 7: same placement in every phase; include rules only when not in every phase
     rules = [] if set(active) == set(views) else [Rule(phase=p) for p in active]
     bottoms = [_bottom_blob(active, "a"), _bottom_blob(active, "b")]
@@ -253,8 +331,14 @@ def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: li
     for i, lay in enumerate(new_layers):
         net.insert(position + i, lay)
     _verify(net, active, a_spec, b_spec, elt_name, placed.tile, what)
+    allowed = {(k[0], k[2]) for k in edits if k[1] == "bottom"}
+    for phase, edges_before in before.items():
+        bad = rewire.changed_edges(edges_before, rewire.edges(resolve(net, NetState(phase))),
+                                   allowed)
+        if bad:  # pragma: no cover - rules 1, 2 and 5 keep every other edge
+            raise NetError(f"{what}: rewiring changed what other layers read in the {phase} "
+                           "net; use --no-rewire")
     return placed
-
 
 
 def _taken(net: Net, name: str) -> bool:
@@ -315,8 +399,11 @@ def insert_eltwise(
     operation: str = "prod",
     coeff: list[float] | tuple[float, ...] | None = None,
     name: str | None = None,
+    *,
+    feed: list[str] | tuple[str, ...] | None = None,
+    rewire: bool = True,
 ) -> tuple[Net, Report]:
-    """Add an ``Eltwise`` layer on two values and make the later readers of the first read it.
+    """Add an ``Eltwise`` layer on two values and send the product to the next layers.
 
     Bottoms are named as the module docstring says: ``LAYER`` (its own output, before any
     in-place layer), ``LAYER:i``, or a blob name (its last version).
@@ -324,7 +411,10 @@ def insert_eltwise(
     Rules:
 
     1. The Eltwise goes right after the later of the two producers (in net order, the latest
-       over all phases), so both values exist when it runs.
+       over all phases), so both values exist when it runs. When a consumer it takes over
+       (rule 5) comes earlier in the file than that producer (HED's side outputs are written
+       after the whole trunk), the producers' ancestors sitting at or after that consumer move
+       up to just before it, in their order; the move must not change what any layer reads.
     2. Neither value may be overwritten in place between its producer and the Eltwise: Caffe
        keeps no copy. When the overwriting layer feeds the other bottom, rewiring it would
        create a cycle; either way it is an error that says which layer to name instead.
@@ -332,10 +422,14 @@ def insert_eltwise(
        :class:`ShapeMismatchError` showing both shapes.
     4. Except 1 channel against C channels with equal N and spatial axes: a ``Tile`` layer
        (``axis: 1``, ``tiles: C``) is inserted on the 1-channel bottom and reported.
-    5. Every reader of A (the first bottom) placed after the Eltwise reads the Eltwise's output
-       instead; an in-place reader (a ReLU on A) is continued: its top and its readers follow
-       the new blob. Readers placed before the Eltwise (including those that feed B) keep
-       reading A. The result is checked to read exactly A and B (no cycle).
+    5. The product takes over the consumers of the *feature* bottom, the one whose shape the
+       product has (the C-channel map, not a tiled 1-channel mask; A when the shapes are
+       equal): every reader of that value reads the Eltwise's output instead, except readers
+       that feed the other bottom (a cycle; reported as kept). An in-place reader (a ReLU on
+       it) is continued: its top and its readers follow the new blob. ``feed`` names the
+       consumers instead (layer names; each must read the feature value); ``rewire=False``
+       takes over none (the product is a new net output). Each rewired consumer is reported,
+       and every other layer is checked to read exactly what it read before.
     6. The Eltwise is named ``name`` (default ``<A blob>_<operation>``, made unique); its top
        has the same name. A given ``name`` that exists is an error.
     7. train_val nets: the same placement and rewiring in TRAIN and TEST; a layer in both
@@ -348,10 +442,13 @@ def insert_eltwise(
         operation: ``"prod"``, ``"sum"`` or ``"max"``.
         coeff: one coefficient per bottom, SUM only.
         name: the new layer's name.
+        feed: the consumers to take over (rule 5); default: all that can.
+        rewire: False to take over no consumer (rule 5).
 
     Returns:
-        ``(new net, report)``; ``report.data`` holds ``eltwise``, ``tile``, ``rewired``,
-        ``position`` and the bottoms' ``shapes`` per phase.
+        ``(new net, report)``; ``report.data`` holds ``eltwise``, ``tile``, ``feature``,
+        ``rewired`` (consumer names), ``moved``, ``position`` and the bottoms' ``shapes`` per
+        phase.
 
     Raises:
         LayerNotFoundError: a bottom names no layer and no blob (with a did-you-mean).
@@ -373,12 +470,22 @@ def insert_eltwise(
             raise NetError(f"coeff needs one value per bottom (2), got {len(coeff)}: {coeff}")
     out = net.copy()
     placed = _place_eltwise(out, bottoms[0], bottoms[1], op, list(coeff or []) or None, name,
-                            None, "insert_eltwise")
+                            None, "insert_eltwise", _feed(feed), rewire)
     report = Report("insert_eltwise")
     report.change(placed.eltwise, f"new Eltwise {op} on {bottoms[0]!r} and {bottoms[1]!r}",
                   position=placed.position)
     _report_common(report, placed, bottoms)
     return finish(out, report)
+
+
+def _feed(feed: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
+    if feed is None:
+        return None
+    items = [feed] if isinstance(feed, str) else list(feed)
+    names = [n for item in items for n in str(item).split(",") if n]
+    if not names:
+        raise NetError("feed names no layer; give LAYER[,LAYER] or drop it")
+    return names
 
 
 def _operation(operation: str) -> str:
@@ -396,17 +503,23 @@ def _report_common(report: Report, placed: _Placed, bottoms: list[str],
         detail = (f" ({_fmt(shapes['a'])} x {_fmt(shapes['b'])})" if shapes else "")
         report.change(placed.tile, f"new Tile on {side!r}: 1 channel repeated to match the "
                       f"other bottom{detail}")
-        if placed.tiled == "a":
-            report.note(f"A ({bottoms[0]!r}) has 1 channel: its later readers now get the "
-                        "C-channel product; put the C-channel blob first to keep their shape")
+    if placed.moved:
+        report.change(placed.moved[0] if len(placed.moved) == 1 else None,
+                      f"moved up so the product exists before its consumers: "
+                      f"{', '.join(placed.moved)}", moved=list(placed.moved))
+    feature = bottoms[0] if placed.feature == "a" else bottoms[1]
     for r in placed.rewired:
-        report.change(r["layer"], f"rewired {r['what']}")
+        tail = f" (reads the product {placed.eltwise!r})" if r["what"].startswith("bottom") else ""
+        report.change(r["layer"], f"rewired {r['what']}{tail}")
     for k in placed.kept:
         if k["layer"] not in new:
             report.leave(k["layer"], k["why"])
-    if not placed.rewired:
-        report.note(f"no layer reads {bottoms[0]!r} after the Eltwise: its output "
-                    f"{placed.eltwise!r} is a net output")
+    consumers = list(dict.fromkeys(r["layer"] for r in placed.rewired))
+    if consumers:
+        report.note(f"the product {placed.eltwise!r} takes over the consumers of {feature!r} "
+                    f"(the bottom whose shape it has): {', '.join(consumers)}")
+    else:
+        report.note(f"no layer reads the product: {placed.eltwise!r} is a net output")
     if all(s["a"] is None or s["b"] is None for s in placed.shapes.values()):
         report.note("bottom shapes unknown (no input shape): not checked; no Tile inserted")
     report.data.update(
@@ -414,7 +527,9 @@ def _report_common(report: Report, placed: _Placed, bottoms: list[str],
         tile=placed.tile,
         position=placed.position,
         phases=placed.phases,
-        rewired=[r["layer"] for r in placed.rewired],
+        feature=feature,
+        rewired=consumers,
+        moved=list(placed.moved),
         shapes={p: {k: None if v is None else list(v) for k, v in s.items()}
                 for p, s in placed.shapes.items()},
     )
@@ -430,6 +545,8 @@ def insert_gate(
     name: str | None = None,
     rng: np.random.Generator | None = None,
     seed: int | None = None,
+    feed: list[str] | tuple[str, ...] | None = None,
+    rewire: bool = True,
 ) -> tuple[Net, Report]:
     """Add a learned multiplicative gate after ``at``'s own output.
 
@@ -445,9 +562,11 @@ def insert_gate(
        bias constant b, so a fresh Caffe init is the identity too); ``<L>_gate_sigmoid`` an
        in-place Sigmoid (``activation="sigmoid"``); ``<L>_gate_tile`` a Tile to C channels
        when ``channels=1``; ``<L>_gated`` an Eltwise PROD of ``at`` and the gate. ``L`` is
-       ``name`` or the layer's name; names are made unique.
-    2. Every later reader of ``at`` reads ``<L>_gated`` (an in-place ReLU after ``at`` is
-       continued on the new blob), exactly as :func:`insert_eltwise`'s rule 5, in all phases.
+       ``name`` or the layer's name; names are made unique. The gate gets Caffe's customary
+       multipliers (weight lr_mult 1 decay_mult 1, bias lr_mult 2 decay_mult 0), reported.
+    2. Every reader of ``at`` (except the gate) reads ``<L>_gated`` (an in-place ReLU after
+       ``at`` is continued on the new blob), exactly as :func:`insert_eltwise`'s rule 5, in all
+       phases; ``feed`` names the consumers instead, ``rewire=False`` takes over none.
     3. With weights loaded (``net.has_weights``), the gate's blobs are written:
        ``random`` draws from the fillers with ``rng``/``seed`` (reported; never all zero);
        ``identity`` writes weight 0 and bias b with b = 40 for sigmoid (sigmoid(40) is exactly
@@ -464,6 +583,8 @@ def insert_gate(
         name: prefix for the new layers (default: the layer's name).
         rng: generator for random weights (wins over ``seed``).
         seed: seed for random weights (default :data:`surgery.fillers.DEFAULT_SEED`).
+        feed: the consumers to take over (rule 2); default: all.
+        rewire: False to take over no consumer (rule 2).
 
     Returns:
         ``(new net, report)``; ``report.data`` lists ``layers``, ``channels``, ``init`` and the
@@ -523,6 +644,7 @@ def insert_gate(
     conv_attrs.update(weight_filler=wf, bias_filler=bf)
     conv = Layer(conv_name, kind, [blob], [conv_name], attrs=conv_attrs,
                  param_field=field_name, include=list(rules))
+    mults = customary_mults(conv)
     position = 1 + max(v.producer.net_index for _, v, _ in found.values())
     out.insert(position, conv)
     b_spec = conv_name
@@ -534,11 +656,13 @@ def insert_gate(
     # the Eltwise's A is the same value `at` named, by layer + top index
     a_spec = f"{v0.producer.layer.name}:{v0.top_index}"
     placed = _place_eltwise(out, a_spec, b_spec, "PROD", None, elt_name, tile_name,
-                            "insert_gate")
+                            "insert_gate", _feed(feed), rewire)
     new = [conv_name] + ([sig_name] if sig_name else []) + (
         [placed.tile] if placed.tile else []) + [elt_name]
     report.change(conv_name, f"new 1x1 {kind} {c} -> {n_out} channel(s) on {blob!r} "
                   f"({init} init)", position=position)
+    if mults:
+        report.change(conv_name, mults)
     if sig_name:
         report.change(sig_name, f"new in-place Sigmoid on {conv_name!r}")
     report.change(elt_name, f"new Eltwise PROD of {blob!r} and the gate")
@@ -558,7 +682,7 @@ def insert_gate(
             if not np.any(w):  # pragma: no cover - msra draws are never all zero
                 raise NetError("insert_gate: the random gate weights came out all zero")
         for lay in out.layers_named(conv_name):
-            lay.params = [Param(data=w), Param(data=b)]
+            lay.params = [replace(p, data=x) for p, x in zip(lay.params, (w, b), strict=True)]
         report.change(conv_name, f"weights written: {init} (weight {w_shape}, bias {b_shape})")
     else:
         report.note("no weights loaded: the gate's blobs come from its fillers when Caffe "
