@@ -1,4 +1,4 @@
-"""CLI verbs ``export onnx``, ``export torch`` and ``verify``.
+"""CLI verbs ``export onnx``, ``export torch``, ``verify`` and ``extract``.
 
 Thin wrappers: load -> export (or run) -> write atomically -> print the report. onnx, torch and
 cv2 are imported only inside the verbs that use them, never when this module is imported.
@@ -15,7 +15,7 @@ from typing import Any
 
 from . import CliError, add_input_shape_option, emit, ensure_output, input_shapes
 
-__all__ = ["register", "cmd_export_onnx", "cmd_export_torch", "cmd_verify"]
+__all__ = ["register", "cmd_export_onnx", "cmd_export_torch", "cmd_verify", "cmd_extract"]
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -62,7 +62,9 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     shapes = input_shapes(net, args.input_shape, phase)
     from ..export.torch import save_torch
 
-    save_torch(net, args.output, phase, shapes, detection_output=args.detection_output)
+    outputs = _blob_list(args.outputs, "--outputs") if args.outputs else None
+    save_torch(net, args.output, phase, shapes, detection_output=args.detection_output,
+               outputs=outputs)
     files = sorted(p.name for p in out.iterdir())
     meta = json.loads((out / "caffe_names.json").read_text(encoding="utf-8"))
     rep = {"output": args.output, "phase": phase, "files": files, "inputs": meta["inputs"],
@@ -99,6 +101,50 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     prototxt=args.net, weights=args.weights, input_shapes=shapes)
     emit(report.as_dict(), report.table(), args.json)
     return 0 if report.passed else 1
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """``surgery extract``: blobs of every sample of an input, as one .npz."""
+    import sys
+    import time
+
+    from ..caffe_io import load
+    from ..extract import extract_features, load_inputs, save_features
+
+    ensure_output([args.net, args.weights, args.input], args.output)
+    if args.batch is not None and args.batch <= 0:
+        raise CliError(f"--batch must be positive; got {args.batch}")
+    blobs = _blob_list(args.blobs, "--blobs")
+    net = load(args.net, args.weights)
+    phase = args.phase.upper()
+    shapes = input_shapes(net, args.input_shape, phase)
+    inputs = load_inputs(args.input, net, phase, shapes)
+    start = time.monotonic()
+    last = [start]
+
+    def progress(done: int, total: int) -> None:  # long runs only, at most once a second
+        now = time.monotonic()
+        if done < total and now - last[0] >= 1.0 or done == total and now - start >= 1.0:
+            last[0] = now
+            print(f"extract: {done}/{total} samples, {now - start:.1f} s", file=sys.stderr,
+                  flush=True)
+
+    feats = extract_features(net, blobs, inputs, batch=args.batch, phase=phase,
+                             progress=progress, device=args.device)
+    save_features(args.output, feats)
+    samples = next(iter(feats.values())).shape[0]
+    rep = {"output": args.output, "samples": samples,
+           "blobs": {k: list(v.shape) for k, v in feats.items()}}
+    text = "\n".join(f"{k}: {'x'.join(map(str, v.shape))}" for k, v in feats.items())
+    emit(rep, f"{text}\nwrote {args.output} ({samples} samples)", args.json)
+    return 0
+
+
+def _blob_list(text: str, what: str) -> list[str]:
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names:
+        raise CliError(f"{what}: give one or more blob names, comma-separated")
+    return names
 
 
 def _phase(p: argparse.ArgumentParser, default: str = "test") -> None:
@@ -141,9 +187,37 @@ def register(sub: Any) -> None:
         "--detection-output", action="store_true",
         help="SSD nets: include DetectionOutput (decode + NMS) instead of stopping before it",
     )
+    p.add_argument(
+        "--outputs", metavar="BLOB[,BLOB]",
+        help="return these blobs (Caffe's values after the forward pass: fc7 after an in-place "
+        "relu7) as a dict {name: tensor}, always a dict; only the layers they need are exported",
+    )
     add_input_shape_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_torch)
+
+    p = sub.add_parser(
+        "extract", help="features: blobs of every sample of an input, to one .npz",
+        description="Caffe's extract_features: run the net (its PyTorch export, only the "
+        "layers the blobs need) over the samples on the input's first axis and write each "
+        "blob's values, Caffe's after the forward pass (fc7 after an in-place relu7).",
+    )
+    p.add_argument("net", help="NET.prototxt")
+    p.add_argument("--weights", help="W.caffemodel")
+    p.add_argument("--blobs", required=True, metavar="BLOB[,BLOB]",
+                   help="blob names (BLOB@LAYER: the version LAYER wrote, before in-place "
+                   "layers)")
+    p.add_argument("--input", required=True, metavar="X.npy|X.npz|DIR",
+                   help="samples on the first axis: .npy (one-input net) or .npz (one array "
+                   "per input name); a folder of images needs surgery.data")
+    p.add_argument("--batch", type=_integer, default=None,
+                   help="samples per forward pass (default: the net's batch size)")
+    p.add_argument("-o", "--output", required=True, help="feats.npz (one array per blob)")
+    _phase(p)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda; default cpu)")
+    add_input_shape_option(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("verify", help="run the net on several backends and compare every blob")
     p.add_argument("net", help="NET.prototxt")

@@ -46,13 +46,14 @@ from typing import Any
 import numpy as np
 
 from ..dataflow import Dataflow, Node, Value, resolve
-from ..errors import NetError, UnsupportedLayerError
+from ..errors import NetError, UnsupportedLayerError, did_you_mean
 from ..layers import attr, bn_layout, is_data, is_loss
 from ..layers import floats as _floats
 from ..layers import ints as _ints
 from ..net import Layer, Net, NetState
 
 __all__ = [
+    "requested_values",
     "METRIC_TYPES",
     "ConvGeometry",
     "conv_geometry",
@@ -703,6 +704,7 @@ def plan(
     lower_detection_output: bool = False,
     lower_losses: bool | None = None,
     infer_shapes: bool = True,
+    outputs: Sequence[str] | None = None,
 ) -> ExportPlan:
     """Resolve ``net`` for ``phase`` and decide what an exporter lowers.
 
@@ -721,6 +723,10 @@ def plan(
        :class:`UnsupportedLayerError` names them all before anything is lowered.
     6. Outputs are Caffe's: values produced by lowered nodes and not consumed by a later
        lowered node (in-place versions included), plus the cut bottoms of rule 4.
+    7. With ``outputs`` (blob names), those are the outputs instead: each name means the blob's
+       last version (Caffe's blob after the forward pass: after an in-place ReLU or Dropout),
+       ``<blob>@<layer>`` the version ``<layer>`` wrote; only the layers they depend on are
+       lowered (later layers may be unsupported or lack weights).
 
     Args:
         net: the net.
@@ -732,6 +738,7 @@ def plan(
         lower_detection_output: the exporter lowers DetectionOutput itself.
         lower_losses: lower loss layers (default: True in TRAIN, False in TEST).
         infer_shapes: run :func:`surgery.shapes.infer` (errors there propagate).
+        outputs: blob names to return (rule 7); default Caffe's outputs.
 
     Raises:
         UnsupportedLayerError: one or more layers have no lowering (all named).
@@ -740,6 +747,11 @@ def plan(
     """
     state = phase_of(phase)
     flow = resolve(net, state)
+    wanted = None if outputs is None else requested_values(flow, outputs)
+    needed: set[int] | None = None
+    if wanted is not None:
+        needed = {id(n) for v in wanted if v.producer is not None
+                  for n in flow.ancestors(v.producer)}
     train = state.phase == "TRAIN"
     if lower_losses is None:
         lower_losses = train
@@ -751,6 +763,8 @@ def plan(
     unsupported: list[Node] = []
     for node in flow.nodes:
         layer = node.layer
+        if needed is not None and id(node) not in needed:
+            continue  # rule 7
         if (
             layer.type == "Input"
             or is_data(layer)
@@ -820,10 +834,16 @@ def plan(
             available.pop(id(v), None)
         for v in node.outputs:
             available[id(v)] = v
-    outputs = list(available.values())
+    outs = list(available.values())
     for v in cut_outputs:
-        if v not in outputs and (id(v.producer) in lowered):
-            outputs.append(v)
+        if v not in outs and (id(v.producer) in lowered):
+            outs.append(v)
+    if wanted is not None:
+        outs = list(wanted)
+        skipped = sum(1 for n in flow.nodes if id(n) not in needed)
+        if skipped:
+            notes.append(f"outputs {', '.join(outputs or [])}: {skipped} layer(s) after them "
+                         "not exported")
     losses: list[tuple[Value, float]] = []
     if lower_losses:
         for node in nodes:
@@ -839,8 +859,36 @@ def plan(
     shapes = None
     if infer_shapes:
         shapes = infer(flow, start, check_weights=False)
-    return ExportPlan(net, state, flow, nodes, inputs, outputs, losses, dropped, notes, shapes,
+    return ExportPlan(net, state, flow, nodes, inputs, outs, losses, dropped, notes, shapes,
                       start, assumptions)
+
+
+def requested_values(flow: Dataflow, names: Sequence[str]) -> list[Value]:
+    """The values that blob names designate, one per name: a name is the blob's last version
+    (what Caffe's blob holds after the forward pass), ``<blob>@<layer>`` the version
+    ``<layer>`` wrote.
+
+    Raises:
+        NetError: an unknown name (with the closest blob names), or no names.
+    """
+    if not names:
+        raise NetError("no output blob named; give one or more blob names")
+    out: list[Value] = []
+    for name in names:
+        blob, at, layer = name.partition("@")
+        if not at:
+            v = flow.latest(name)  # raises with a did-you-mean
+        else:
+            found = [v for n in flow.nodes if n.layer.name == layer for v in n.outputs
+                     if v.name == blob]
+            if not found:
+                raise NetError(f"no layer {layer!r} writing blob {blob!r} in the "
+                               f"{flow.state.phase} net" + did_you_mean(name, [
+                                   f"{v.name}@{n.layer.name}" for n in flow.nodes
+                                   for v in n.outputs]))
+            v = found[0]
+        out.append(v)
+    return out
 
 
 def split_blob_values(flow: Dataflow) -> dict[str, Value]:

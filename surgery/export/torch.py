@@ -17,6 +17,10 @@ Conventions of the exported module:
   dict ``{blob name: tensor}``; with ``keep_blobs=True`` the dict holds every blob (the last
   version of each name, as Caffe's in-place layers leave it). In TRAIN the dict also holds the
   weighted total loss under ``model.total_loss_key`` (``"total_loss"``).
+* With ``outputs=[...]`` (``export torch --outputs pool5,fc7``) it always returns a dict of
+  exactly those blobs, one output included, each with Caffe's value after the forward pass:
+  ``fc7`` after the in-place ``relu7`` (and ``drop7``, identity in TEST); ``fc7@fc7`` names
+  the version before them. Only the layers they depend on are exported.
 * ``model.train()``/``model.eval()`` are Caffe's TRAIN/TEST for Dropout and BatchNorm (unless
   the layer pins ``use_global_stats``); ``lr_mult: 0`` blobs have ``requires_grad=False``;
   :func:`param_groups` gives optimizer groups with the lr/decay multipliers.
@@ -777,6 +781,7 @@ def to_torch(
     missing: str = "error",
     seed: int = 0,
     detection_output: bool = False,
+    outputs: Sequence[str] | None = None,
 ) -> fx.GraphModule:
     """Export ``net`` to a ``torch.fx.GraphModule`` computing what Caffe computes.
 
@@ -796,6 +801,11 @@ def to_torch(
             keep_top_k, Caffe's CPU semantics) so the module returns Caffe's
             ``(1, 1, kept, 7)`` detections; default False: the export stops before it and its
             bottoms (``mbox_loc``, ``mbox_conf_flatten``, ``mbox_priorbox``) are outputs.
+        outputs: blob names to return instead of the net's outputs; the module then always
+            returns a dict ``{name: tensor}`` (one name included). A name is the blob's last
+            version, Caffe's value after the forward pass (``fc7`` after an in-place
+            ``relu7``); ``<blob>@<layer>`` is the version ``<layer>`` wrote. Only the layers
+            the outputs depend on are exported (and need weights). In TRAIN no loss is added.
 
     Returns:
         The module, with ``caffe_names`` (module/parameter/buffer name -> ``{"layer",
@@ -814,8 +824,10 @@ def to_torch(
     table: dict[str, Lowering] = dict(_TABLE)
     if detection_output:
         table.update(_OPT_IN)
+    if outputs is not None:
+        outputs = list(dict.fromkeys(outputs))
     plan = common.plan(net, phase, supported=table, input_shapes=input_shapes,
-                       lower_detection_output=detection_output)
+                       lower_detection_output=detection_output, outputs=outputs)
     if missing == "error":
         _check_weights(plan)
     root = _Root()
@@ -863,19 +875,21 @@ def to_torch(
         for node in plan.nodes:
             for v in node.outputs:
                 result[_blob_key(plan, v)] = env[id(v)]
-    for v in plan.outputs:
-        result[v.name] = env[id(v)]
+    if outputs is not None:
+        result = {}
+    for name, v in zip(outputs or [v.name for v in plan.outputs], plan.outputs, strict=True):
+        result[name] = env[id(v)]
     loss_weights = {v.name: w for v, w in plan.losses}
     total_key = "total_loss"
     i = 1
     while total_key in result:
         total_key = f"total_loss_{i}"
         i += 1
-    if plan.losses:
+    if plan.losses and outputs is None:
         result[total_key] = graph.call_function(
             rt.caffe_weighted_sum, ([env[id(v)] for v, _ in plan.losses],
                                     [w for _, w in plan.losses]))
-    if len(result) == 1 and not keep_blobs and not plan.losses:
+    if len(result) == 1 and not keep_blobs and not plan.losses and outputs is None:
         graph.output(next(iter(result.values())))
     else:
         graph.output(result)
@@ -887,7 +901,7 @@ def to_torch(
     gm.input_names = [v.name for v in plan.inputs]
     gm.output_names = list(result)
     gm.loss_weights = loss_weights
-    gm.total_loss_key = total_key if plan.losses else None
+    gm.total_loss_key = total_key if plan.losses and outputs is None else None
     gm.notes = list(plan.notes)
     gm.caffe_phase = plan.phase
     gm.train(plan.phase == "TRAIN")
@@ -1180,6 +1194,7 @@ def save_torch(
     seed: int = 0,
     overwrite: bool = True,
     detection_output: bool = False,
+    outputs: Sequence[str] | None = None,
 ) -> Path:
     """Write ``model.py``, ``weights.safetensors`` and ``caffe_names.json`` into ``out_dir``.
 
@@ -1195,6 +1210,7 @@ def save_torch(
         seed: see :func:`to_torch`.
         overwrite: replace an existing ``out_dir``.
         detection_output: see :func:`to_torch`.
+        outputs: see :func:`to_torch` (the module then returns a dict of those blobs).
 
     Returns:
         The output folder.
@@ -1209,7 +1225,7 @@ def save_torch(
     if out.exists() and not overwrite:
         raise SurgeryError(f"{out} exists; pass overwrite=True or choose another folder")
     gm = to_torch(net, phase, input_shapes, missing=missing, seed=seed,
-                  detection_output=detection_output)
+                  detection_output=detection_output, outputs=outputs)
     src = generate_source(gm)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

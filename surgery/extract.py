@@ -1,0 +1,196 @@
+"""Feature extraction: the job of Caffe's ``extract_features`` tool, on the PyTorch export.
+
+:func:`extract_features` exports the net to PyTorch with the requested blobs as outputs
+(:func:`surgery.export.torch.to_torch` with ``outputs=``: only the layers they depend on),
+runs it over the input's first axis in batches, and returns one array per blob with the
+samples stacked. Values are Caffe's, blob by blob: a blob rewritten by an in-place layer is
+read after it (``fc7`` after ``relu7``), as ``extract_features`` reads it after the forward
+pass; ``<blob>@<layer>`` names an earlier version.
+
+Inputs are arrays (``.npy`` for a one-input net, ``.npz`` with one array per input name).
+:func:`load_inputs` is the hook for other sources: a folder of images is read with the net's
+own preprocessing when :mod:`surgery.data` provides it, else refused with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+import numpy as np
+
+from .errors import SurgeryError
+from .net import Net
+
+__all__ = ["extract_features", "load_inputs", "save_features"]
+
+Progress = Callable[[int, int], None]
+
+
+def load_inputs(
+    path: str | os.PathLike[str], net: Net, phase: str = "TEST",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Read the samples to run: ``X.npy`` (a one-input net), ``X.npz`` (one array per input
+    name; one array for a one-input net may have any name) or a folder of images.
+
+    Raises:
+        SurgeryError: unreadable file, missing input, or a folder while :mod:`surgery.data`
+            offers no image transform.
+    """
+    from .verify import net_input_shapes
+
+    names = list(net_input_shapes(net, phase, input_shapes))
+    p = Path(path)
+    if p.is_dir():
+        return _images(p, net, phase, names)
+    if p.suffix == ".npy":
+        if len(names) != 1:
+            raise SurgeryError(f"{p}: a .npy holds one array, but the net has inputs {names}; "
+                               "save an .npz with one array per input name")
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SurgeryError(f"{p}: cannot read as .npy: {exc}") from None
+        return {names[0]: np.asarray(arr, dtype=np.float32)}
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise SurgeryError(f"{p}: cannot read as .npz (or .npy): {exc}") from None
+    if len(arrays) == 1 and len(names) == 1:
+        return {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise SurgeryError(f"{p}: no array for input(s) {missing}; it holds {sorted(arrays)}")
+    return {n: arrays[n] for n in names}
+
+
+def _images(folder: Path, net: Net, phase: str, names: list[str]) -> dict[str, np.ndarray]:
+    """A folder of images, preprocessed as the net's data layer would (surgery.data)."""
+    try:
+        from .data import transform  # type: ignore[attr-defined]  # issue 9's data layers
+
+        read_folder = transform.images_for_net
+    except (ImportError, AttributeError):
+        raise SurgeryError(
+            f"{folder} is a folder: reading images with the net's own preprocessing needs "
+            "surgery.data (Caffe's DataTransformer), which this version does not have yet; "
+            "preprocess the images yourself (BGR, 0-255, mean subtracted, as the net expects) "
+            "and pass them as X.npy / X.npz"
+        ) from None
+    return read_folder(folder, net, phase, names)  # pragma: no cover
+
+
+def extract_features(
+    net: Net,
+    blobs: Sequence[str],
+    inputs: Mapping[str, np.ndarray] | np.ndarray,
+    *,
+    batch: int | None = None,
+    phase: str = "TEST",
+    progress: Progress | None = None,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Run ``net`` on every sample of ``inputs`` and return the values of ``blobs``.
+
+    Rules:
+
+    1. Each blob name is the blob's last version (Caffe's value after the forward pass: after
+       an in-place ReLU); ``<blob>@<layer>`` the version ``<layer>`` wrote. Unknown names are
+       an error with the closest names. Only the layers the blobs depend on need weights.
+    2. The samples are the first axis of the inputs (every input the same count). They run in
+       batches of ``batch`` (default: the net's own batch size, as ``extract_features`` uses
+       the data layer's), at most the sample count; a short last batch is padded with zeros
+       and the padding's results dropped (TEST-phase layers treat samples independently).
+    3. The export is built for ``(batch, *sample shape)``, so shape inference checks the
+       sample shape against the weights (a wrong image size is named, not broadcast).
+    4. The result holds one float32 array per blob, ``(samples, *blob shape[1:])``.
+
+    Args:
+        net: the net, with weights.
+        blobs: blob names.
+        inputs: arrays by input name, or one array for a one-input net.
+        batch: samples per forward pass.
+        phase: the phase whose layers run (TEST).
+        progress: called with (samples done, total) after each batch.
+        device: torch device for the forward passes ("cpu", "cuda").
+
+    Returns:
+        ``{blob name: array}`` in the order of ``blobs``.
+
+    Raises:
+        SurgeryError: unknown blobs or inputs, inconsistent sample counts, a bad batch size,
+            or the export's errors (unsupported layers, missing weights, shape mismatch).
+    """
+    import torch
+
+    from .export.torch import to_torch
+    from .verify import net_input_shapes
+
+    phase = phase.upper()
+    names = list(dict.fromkeys(blobs))
+    declared = net_input_shapes(net, phase)
+    if not isinstance(inputs, Mapping):
+        if len(declared) != 1:
+            raise SurgeryError(f"one array given, but the net has inputs {list(declared)}")
+        inputs = {next(iter(declared)): inputs}
+    missing = [n for n in declared if n not in inputs]
+    if missing:
+        raise SurgeryError(f"no array for input(s) {missing}; the net's inputs are "
+                           f"{list(declared)}")
+    arrays = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in declared}
+    counts = {n: (a.shape[0] if a.ndim else 0) for n, a in arrays.items()}
+    total = next(iter(counts.values()), 0)
+    if any(c != total for c in counts.values()) or total == 0:
+        raise SurgeryError(f"every input needs the same, non-zero number of samples on its "
+                           f"first axis; got {counts}")
+    for n, a in arrays.items():
+        want = declared[n]
+        if want is not None and len(want) != a.ndim:
+            raise SurgeryError(f"input {n!r} has shape {a.shape}; the net expects {len(want)} "
+                               f"axes like {tuple(want)} (samples on the first axis)")
+    if batch is None:
+        own = [s[0] for s in declared.values() if s]
+        batch = own[0] if own else 1
+    if batch <= 0:
+        raise SurgeryError(f"batch must be positive, got {batch}")
+    batch = min(batch, total)
+    shapes = {n: (batch, *a.shape[1:]) for n, a in arrays.items()}
+    model = to_torch(net, phase, shapes, outputs=names).to(device)
+    model.train(False)  # TEST semantics: Dropout off, BatchNorm global statistics
+    order = list(model.input_names)
+    chunks: dict[str, list[np.ndarray]] = {b: [] for b in names}
+    done = 0
+    with torch.inference_mode():
+        while done < total:
+            n = min(batch, total - done)
+            args = []
+            for name in order:
+                x = arrays[name][done:done + n]
+                if n < batch:  # rule 2: pad the last batch
+                    x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
+                args.append(torch.from_numpy(x).to(device))
+            out = model(*args)
+            for b in names:
+                chunks[b].append(out[b][:n].float().cpu().numpy())
+            done += n
+            if progress is not None:
+                progress(done, total)
+    return {b: np.concatenate(chunks[b]) for b in names}
+
+
+def save_features(path: str | os.PathLike[str], features: Mapping[str, np.ndarray]) -> None:
+    """Write ``{blob: array}`` to an ``.npz`` atomically (temp file + rename).
+
+    Raises:
+        SurgeryError: the file cannot be written (``path`` is left untouched).
+    """
+    import io
+
+    from .caffe_io import write_bytes_atomic
+
+    buf = io.BytesIO()
+    np.savez(buf, **dict(features))
+    write_bytes_atomic(path, buf.getvalue())
