@@ -18,6 +18,7 @@ import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
 import numpy as np
 
 from .errors import SurgeryError
