@@ -40,6 +40,10 @@ __all__ = [
     "write_text_atomic",
     "write_bytes_atomic",
     "WeightReport",
+    "read_blob_proto",
+    "blob_proto_bytes",
+    "parse_datum",
+    "datum_bytes",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -586,3 +590,91 @@ def save(
             _wire.write_caffemodel(weights, head.SerializeToString(), records, progress=progress)
         except OSError as exc:
             raise SurgeryError(f"{weights}: cannot write: {exc.strerror or exc}") from None
+
+
+# -- data files: BlobProto (mean.binaryproto) and Datum (LMDB/LevelDB values) ----------------
+def read_blob_proto(path: PathLike) -> np.ndarray:
+    """Read a binary ``BlobProto`` file (``compute_image_mean``'s ``mean.binaryproto``).
+
+    Returns:
+        The blob as a float32 array in its own shape: ``(num, channels, height, width)`` for
+        legacy blobs (as ``compute_image_mean`` writes them), else ``shape.dim``.
+
+    Raises:
+        ParseError: the file cannot be read or is not a BlobProto.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ParseError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    blob = caffe_pb2.BlobProto()
+    try:
+        blob.ParseFromString(raw)
+    except Exception:  # protobuf's DecodeError
+        raise ParseError(f"{path}: not a binary BlobProto (a mean.binaryproto file)") from None
+    n = len(blob.data) or len(blob.double_data)
+    if not n:
+        raise ParseError(f"{path}: the BlobProto holds no data (is this a mean file?)")
+    array = np.array(_blob_from_proto(blob), np.float32)
+    return array
+
+
+def blob_proto_bytes(array: np.ndarray) -> bytes:
+    """Serialize ``array`` as a ``BlobProto`` with Caffe's legacy 4-D fields, as
+    ``compute_image_mean`` writes a mean: ``(C, H, W)`` -> num 1, channels C, height H, width W.
+
+    Raises:
+        SurgeryError: the array has more than 4 axes.
+    """
+    a = np.asarray(array, np.float32)
+    if a.ndim > 4:
+        raise SurgeryError(f"a BlobProto mean has at most 4 axes; got shape {a.shape}")
+    dims = (1,) * (4 - a.ndim) + a.shape
+    blob = caffe_pb2.BlobProto(num=dims[0], channels=dims[1], height=dims[2], width=dims[3])
+    blob.data.extend(a.ravel().tolist())
+    return blob.SerializeToString()
+
+
+def parse_datum(raw: bytes) -> Any:
+    """Parse one LMDB/LevelDB value as a ``caffe_pb2.Datum``.
+
+    Raises:
+        ValueError: the bytes are not a Datum.
+    """
+    datum = caffe_pb2.Datum()
+    try:
+        datum.ParseFromString(raw)
+    except Exception as exc:  # protobuf's DecodeError
+        raise ValueError(f"not a Datum ({exc})") from None
+    return datum
+
+
+def datum_bytes(
+    data: bytes | np.ndarray | None = None,
+    *,
+    label: int = 0,
+    shape: tuple[int, int, int] | None = None,
+    float_data: np.ndarray | None = None,
+    encoded: bool = False,
+) -> bytes:
+    """Serialize a ``Datum`` as ``convert_imageset`` writes it.
+
+    Args:
+        data: uint8 pixels (C, H, W), or the bytes of an encoded image.
+        label: the label.
+        shape: (C, H, W) when ``data`` is bytes or ``float_data`` is given flat.
+        float_data: float pixels instead of ``data``.
+        encoded: ``data`` is an encoded image (JPEG/PNG bytes).
+    """
+    datum = caffe_pb2.Datum(label=int(label), encoded=bool(encoded))
+    if isinstance(data, np.ndarray):
+        shape = shape or tuple(data.shape)  # type: ignore[assignment]
+        data = np.ascontiguousarray(data, np.uint8).tobytes()
+    if float_data is not None:
+        shape = shape or tuple(np.shape(float_data))  # type: ignore[assignment]
+        datum.float_data.extend(np.asarray(float_data, np.float32).ravel().tolist())
+    if data is not None:
+        datum.data = bytes(data)
+    if shape is not None:
+        datum.channels, datum.height, datum.width = (int(d) for d in shape)
+    return datum.SerializeToString()

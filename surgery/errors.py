@@ -16,6 +16,7 @@ __all__ = [
     "LayerNotFoundError",
     "ShapeMismatchError",
     "UnsupportedLayerError",
+    "DataError",
     "did_you_mean",
 ]
 
@@ -45,6 +46,11 @@ class ShapeMismatchError(SurgeryError):
 
 class UnsupportedLayerError(SurgeryError):
     """One or more layers cannot be handled by the requested operation or export."""
+
+
+class DataError(SurgeryError):
+    """A data source (database, list file, image, HDF5 or mean file) cannot be read as the
+    data layer needs; the message names the file and the item (key, line or row)."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -1,0 +1,165 @@
+"""Batches in Caffe's order: a ``torch.utils.data.DataLoader`` over a :class:`CaffeDataset`.
+
+Caffe's data layers read their source with a cursor: sequentially from a start (``rand_skip``:
+a random 0..rand_skip-1), wrapping to the first record at the end, forever. A shuffling layer
+(ImageData and HDF5Data ``shuffle: true``) reorders each pass. With several solvers (multi-GPU),
+the ``k``-th record the cursor reads goes to rank ``k % world_size`` (BVLC ``DataLayer::Skip``).
+:class:`CaffeSampler` yields exactly that stream for one rank, as ``(index, k)`` pairs; the
+dataset seeds sample ``k``'s random choices (crop, mirror) with ``(seed, k)``, so one seed gives
+the same batches whatever the number of workers.
+
+The sampler never ends, as Caffe's cursor: take as many batches as the solver needs
+(``itertools.islice`` or ``next``). ``batches_per_pass`` says how many make one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ..errors import DataError, SurgeryError
+from .datasets import CaffeDataset, _Failure
+
+__all__ = ["CaffeSampler", "CaffeLoader", "collate", "make_loader"]
+
+
+class CaffeSampler(torch.utils.data.Sampler):
+    """Caffe's cursor for one rank: an endless stream of ``(source index, position)``.
+
+    Args:
+        dataset: the dataset (its source decides the order of each pass).
+        rank: this process's rank.
+        world_size: the number of processes sharing the stream.
+        seed: seeds ``rand_skip`` and the shuffles.
+    """
+
+    def __init__(self, dataset: CaffeDataset, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+        self.n = len(dataset)
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.source = dataset.source
+        self.shuffle = dataset.shuffle
+        self.skip = 0
+        if dataset.rand_skip:
+            self.skip = int(np.random.default_rng([seed, 2]).integers(dataset.rand_skip))
+            if self.skip >= self.n:
+                raise DataError(f"{dataset.where}rand_skip {dataset.rand_skip} drew {self.skip}, "
+                                f"past the end of the source ({self.n} samples): lower rand_skip")
+        self._orders: dict[int, np.ndarray | None] = {}
+
+    def order(self, epoch: int) -> np.ndarray | None:
+        """The source indices of pass ``epoch`` (None: in source order)."""
+        if not self.shuffle:
+            return None
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = self.source.epoch_order(epoch, self.seed)
+        return self._orders[epoch]
+
+    def index(self, position: int) -> int:
+        """The source index of the stream's ``position``-th sample."""
+        epoch, r = divmod(self.skip + position, self.n)
+        order = self.order(epoch)
+        return r if order is None else int(order[r])
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        k = self.rank
+        while True:
+            yield self.index(k), k
+            k += self.world_size
+
+
+def collate(items: list[Any]) -> tuple[torch.Tensor, ...] | _Failure:
+    """Stack items into one tensor per top (a failed item's error passes through).
+
+    Samples of different shapes cannot share a batch (Caffe reshapes to the first and then
+    fails a CHECK): that is an error naming the shapes.
+    """
+    for it in items:
+        if isinstance(it, _Failure):
+            return it
+    out = []
+    for j in range(len(items[0])):
+        arrays = [it[j] for it in items]
+        shapes = sorted({np.shape(a) for a in arrays})
+        if len(shapes) > 1:
+            return _Failure(DataError(
+                f"samples of one batch differ in shape ({', '.join(map(str, shapes))}); Caffe "
+                "needs equal shapes: set crop_size, or new_height/new_width for ImageData"))
+        out.append(torch.from_numpy(np.stack(arrays)))
+    return tuple(out)
+
+
+def _worker_init(worker_id: int) -> None:
+    try:  # OpenCV's own thread pool inside a forked worker only competes with the others
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class CaffeLoader(torch.utils.data.DataLoader):
+    """A DataLoader that yields tuples of tensors in top order, endlessly.
+
+    An error in a worker (unreadable image, bad record) is raised in the main process as the
+    same one-line :class:`~surgery.errors.DataError`.
+
+    Attributes:
+        tops: the top names, the order of each batch's tensors.
+        batches_per_pass: batches for this rank to see every sample once.
+    """
+
+    tops: list[str]
+    batches_per_pass: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, _Failure):
+                raise batch.error
+            yield batch
+
+    def __len__(self) -> int:
+        raise TypeError("a Caffe data loader is endless (Caffe's cursor wraps); use "
+                        "batches_per_pass, or take batches with itertools.islice")
+
+
+def make_loader(dataset: CaffeDataset, *, batch_size: int | None = None, workers: int = 0,
+                rank: int = 0, world_size: int = 1, seed: int | None = None,
+                pin_memory: bool | None = None) -> CaffeLoader:
+    """See :func:`surgery.data.loader`."""
+    if seed is not None:
+        dataset.seed = int(seed)
+    bs = dataset.batch_size if batch_size is None else int(batch_size)
+    if bs <= 0:
+        raise DataError(f"batch_size must be positive (found {bs})")
+    if workers < 0:
+        raise DataError(f"workers must be 0 or more (found {workers})")
+    if workers and getattr(dataset.source, "backend", "") == "LEVELDB":
+        raise DataError(f"{dataset.where}{dataset.source.path} is a LevelDB database, which "
+                        "one process at a time may open: use workers=0, or convert to LMDB")
+    sampler = CaffeSampler(dataset, rank=rank, world_size=world_size, seed=dataset.seed)
+    dataset.defer_errors = True
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    try:
+        dataset.source.close()  # workers open their own handles
+    except SurgeryError:  # pragma: no cover
+        pass
+    loader = CaffeLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate,
+                         num_workers=workers, pin_memory=pin_memory,
+                         worker_init_fn=_worker_init if workers else None,
+                         prefetch_factor=4 if workers else None)
+    loader.tops = list(dataset.tops)
+    loader.batches_per_pass = math.ceil(math.ceil(len(dataset) / world_size) / bs)
+    return loader
