@@ -260,3 +260,30 @@ def test_fill_refuses_a_layer_whose_input_shape_is_unknown(tmp_path: Path) -> No
     with pytest.raises(NetError, match="cannot infer its learnable blob shapes"):
         fill_missing_weights(net, np.random.default_rng(0))
     assert [p.lr_mult for p in net.layer("fc").params] == [1, 2]
+
+
+# -- issue 7 items 2 and 7 ------------------------------------------------------------------------
+def test_top_k_above_the_class_count_is_lowered_and_reported() -> None:
+    net = load(GOOGLENET / "train_val.prototxt")
+    new, rep = rename_heads(net, 3)
+    for i in (1, 2, 3):
+        assert new.layer(f"loss{i}/top-5").attrs["top_k"] == 3
+        assert new.layer(f"loss{i}/top-1").attrs.get("top_k", 1) == 1
+    lowered = [c for c in rep.changed if "top_k 5 -> 3" in c["what"]]
+    assert [c["layer"] for c in lowered] == ["loss1/top-5", "loss2/top-5", "loss3/top-5"]
+    new5, rep5 = rename_heads(net, 5)  # top_k 5 with 5 classes is fine: left as written
+    assert new5.layer("loss3/top-5").attrs["top_k"] == 5
+    assert not any("top_k" in c["what"] for c in rep5.changed)
+
+
+def test_new_head_without_param_spec_gets_customary_multipliers(inline_net) -> None:
+    new, rep = rename_heads(inline_net, 3, layers=["fc"])
+    fc = new.layer("fc_ft")
+    assert [(p.lr_mult, p.decay_mult) for p in fc.params] == [(1.0, 1.0), (2.0, 0.0)]
+    assert "bias lr_mult 2 decay_mult 0" in rep.changed[0]["what"]
+    new, _ = rename_heads(inline_net, 3, layers=["fc"], lr_mult=(10, 20))
+    assert [(p.lr_mult, p.decay_mult) for p in new.layer("fc_ft").params] == [
+        (10.0, 1.0), (20.0, 0.0)]
+    # a head that writes its own param entries keeps them (GoogLeNet's heads: 1/1, 2/0 already)
+    g, rep = rename_heads(load(GOOGLENET / "train_val.prototxt"), 3)
+    assert not any("customary" in c["what"] for c in rep.changed)

@@ -129,14 +129,20 @@ def rename_heads(
     4. A head without a ``weight_filler`` (or with an all-zero constant one) gets
        :data:`DEFAULT_FILLERS`: gaussian std 0.01 for InnerProduct, xavier for Convolution;
        without a ``bias_filler`` it gets constant 0 (written explicitly).
-    5. ``lr_mult`` (W or (W, B), e.g. (10, 20)) sets the heads' lr_mult per blob, adding
-       ``param`` entries as needed; decay_mult is left as written.
+    5. A head with no ``param { }`` spec gets Caffe's customary multipliers, weight lr_mult 1
+       decay_mult 1, bias lr_mult 2 decay_mult 0 (reported). ``lr_mult`` (W or (W, B), e.g.
+       (10, 20)) then sets the heads' lr_mult per blob, adding ``param`` entries as needed;
+       decay_mult is left as written.
     6. Top blobs keep their names unless ``rename_tops``: then a top named like the layer gets
        the new layer name, any other top gets the suffix; in-place layers and readers follow.
     7. When the net has weights, each head gets fresh blobs of its new shape drawn from its
        fillers (seeded; the weight filler is never all-zero); every other layer keeps its
        blob arrays (the same objects).
-    8. The result passes :func:`surgery.check.check`.
+    8. An ``Accuracy`` layer that reads a renamed head (directly or through layers without
+       learnable blobs) with a ``top_k`` above ``num_output`` gets ``top_k = num_output``
+       (reported): Caffe refuses a top_k larger than the class count (GoogLeNet's
+       ``loss*/top-5`` with 3 classes).
+    9. The result passes :func:`surgery.check.check`.
 
     Args:
         net: the net (not modified).
@@ -248,6 +254,9 @@ def rename_heads(
                 lay.attrs["bias_filler"] = dict(_BIAS_FILLER)
                 if lay is twins[0]:
                     added.append("bias_filler constant 0")
+            mults = C.customary_mults(lay)  # rule 5: a head with no param spec
+            if mults and lay is twins[0]:
+                added.append(mults)
             if lr is not None:
                 n = C.learnable_count(lay)
                 C.ensure_params(lay, min(n, len(lr)))
@@ -279,6 +288,8 @@ def rename_heads(
             desc += f"; lr_mult {','.join(f'{v:g}' for v in lr)}"
         report.change(old, desc, **{k: v for k, v in entry.items() if k != "old_name"})
 
+    _lower_top_k(out, [new_names[h] for h in heads], num_output, report)  # rule 8
+
     if weighted:  # rule 7
         gen, used_seed = C.make_rng(seed, rng)
         report.seed = used_seed
@@ -297,7 +308,34 @@ def rename_heads(
     report.data["renamed"] = dict(new_names)
     report.data["num_output"] = num_output
     report.data["heads"] = list(heads)
-    return C.finish(out, report)  # rule 8
+    return C.finish(out, report)  # rule 9
+
+
+def _lower_top_k(net: Net, heads: list[str], num_output: int, report: Report) -> None:
+    """Rule 8: Accuracy layers downstream of a head get top_k <= num_output."""
+    readers: dict[int, Any] = {}
+    for flow in C.flows(net).values():
+        stack = [v for n in flow.nodes if n.layer.name in heads for v in n.outputs]
+        seen: set[int] = set()
+        while stack:
+            value = stack.pop()
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            for node, bi in flow.consumers(value):
+                lay = node.layer
+                if lay.type == "Accuracy" and bi == 0:
+                    readers[id(lay)] = lay
+                elif lay.type not in LEARNABLE_TYPES and lay.type not in HEAD_TYPES:
+                    stack.extend(node.outputs)
+    for lay in net.layers:
+        if id(lay) not in readers:
+            continue
+        top_k = int(attr(lay, "top_k", 1))
+        if top_k > num_output:
+            lay.attrs["top_k"] = num_output
+            report.change(lay.name, f"top_k {top_k} -> {num_output}: Caffe refuses a top_k "
+                          f"above the number of classes ({num_output})", top_k=[top_k, num_output])
 
 
 def _all_zero(filler: Any) -> bool:
