@@ -14,6 +14,7 @@ The only module (with :mod:`surgery.upgrade`) that touches ``caffe_pb2``.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -258,6 +259,10 @@ def read_net_param(path: PathLike) -> Any:
     Raises:
         ParseError: unreadable file, binary input, or a text-format error (with file:line).
     """
+    return _parse_text_file(path, caffe_pb2.NetParameter())
+
+
+def _parse_text_file(path: PathLike, msg: Any, allow_unknown_field: bool = False) -> Any:
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -272,9 +277,9 @@ def read_net_param(path: PathLike) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ParseError(f"{p}: not UTF-8 text at byte {exc.start}; is this a .prototxt?") from None
-    msg = caffe_pb2.NetParameter()
     try:
-        text_format.Parse(text, msg, allow_unknown_extension=False)
+        text_format.Parse(text, msg, allow_unknown_extension=False,
+                          allow_unknown_field=allow_unknown_field)
     except text_format.ParseError as exc:
         line = getattr(exc, "GetLine", lambda: None)()
         col = getattr(exc, "GetColumn", lambda: None)()
@@ -303,6 +308,127 @@ def _parse_hint(detail: str, text: str) -> str:
             "or remove it if your Caffe fork added it"
         )
     return ""
+
+
+# -- solver files and solver states ----------------------------------------------------------
+_TOKEN = re.compile(
+    r"""\s+|#[^\n]*|"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'"""
+    r"""|[{}<>\[\]:;,]|[^\s{}<>\[\]:;,"'#]+"""
+)
+
+
+def _top_level_names(text: str) -> list[str]:
+    """Field names written at the top level of a text proto, in order (comments, strings and
+    nested messages skipped)."""
+    toks = [t for t in _TOKEN.findall(text) if t.strip() and not t.startswith("#")]
+    names: list[str] = []
+    i, n = 0, len(toks)
+    while i < n:
+        names.append(toks[i])
+        i += 1
+        if i < n and toks[i] == ":":
+            i += 1
+        if i < n and toks[i] in "{<[":
+            depth = 0
+            while i < n:
+                depth += toks[i] in ("{", "<", "[")
+                depth -= toks[i] in ("}", ">", "]")
+                i += 1
+                if depth == 0:
+                    break
+        else:
+            i += 1  # the scalar value
+        while i < n and toks[i] in (";", ","):
+            i += 1
+    return names
+
+
+def read_solver(path: PathLike) -> tuple[dict[str, Any], list[str]]:
+    """Parse a ``solver.prototxt``: the fields it sets (as :func:`msg_to_dict` gives them) and
+    the top-level field names our ``SolverParameter`` does not know (all of them, in order).
+
+    Raises:
+        ParseError: unreadable file or a text-format error in a known field (with file:line).
+    """
+    msg = _parse_text_file(path, caffe_pb2.SolverParameter(), allow_unknown_field=True)
+    known = caffe_pb2.SolverParameter.DESCRIPTOR.fields_by_name
+    text = Path(path).read_text(encoding="utf-8")
+    unknown = list(dict.fromkeys(w for w in _top_level_names(text) if w not in known))
+    return msg_to_dict(msg), unknown
+
+
+def solver_defaults() -> dict[str, Any]:
+    """The default of every scalar ``SolverParameter`` field that declares one (enums by name),
+    from the schema."""
+    out: dict[str, Any] = {}
+    for fd in caffe_pb2.SolverParameter.DESCRIPTOR.fields:
+        if not _is_repeated(fd) and fd.message_type is None and fd.has_default_value:
+            out[fd.name] = _value_to_py(fd, fd.default_value)
+    return out
+
+
+def net_from_dict(d: dict[str, Any], source: str) -> Net:
+    """A net given inline as a dict (a solver's ``net_param``), upgraded as Caffe does.
+
+    Raises:
+        ParseError: the legacy upgrade fails.
+        NetError: a field is not in the schema.
+    """
+    from .upgrade import upgrade_net
+
+    msg = dict_to_msg(d, caffe_pb2.NetParameter(), source)
+    try:
+        notes = upgrade_net(msg, source)
+    except ValueError as exc:
+        raise ParseError(f"{source}: {exc}") from None
+    return net_from_proto(msg, source, notes)
+
+
+def read_solver_state(path: PathLike) -> dict[str, Any]:
+    """Read a Caffe ``.solverstate`` (binary ``SolverState``).
+
+    Returns:
+        ``{"iter", "learned_net", "current_step", "history"}``; ``history`` is a list of
+        float32 arrays with the blobs' shapes (legacy 4-D num/channels/height/width kept).
+
+    Raises:
+        ParseError: unreadable, HDF5, or not a SolverState.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ParseError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if raw[:8] == b"\x89HDF\r\n\x1a\n":
+        raise ParseError(f"{p}: an HDF5 solverstate; only Caffe's BINARYPROTO format is read "
+                         "(snapshot_format: BINARYPROTO, Caffe's default)")
+    msg = caffe_pb2.SolverState()
+    try:
+        msg.ParseFromString(raw)
+    except Exception:  # protobuf raises DecodeError or RuntimeWarning-like errors
+        raise ParseError(f"{p}: not a Caffe SolverState (binary .solverstate)") from None
+    return {"iter": int(msg.iter), "learned_net": msg.learned_net,
+            "current_step": int(msg.current_step),
+            "history": [_blob_from_proto(b) for b in msg.history]}
+
+
+def write_solver_state(path: PathLike, *, iter: int, learned_net: str,
+                       history: list[np.ndarray], current_step: int = 0) -> None:
+    """Write a Caffe ``.solverstate`` atomically (``SolverState``: iter, learned_net, one
+    ``BlobProto`` per history blob with its shape and float data, current_step).
+
+    Raises:
+        SurgeryError: the file cannot be written.
+    """
+    msg = caffe_pb2.SolverState()
+    msg.iter = int(iter)
+    msg.learned_net = str(learned_net)
+    msg.current_step = int(current_step)
+    for h in history:
+        b = msg.history.add()
+        b.shape.dim.extend(int(d) for d in h.shape)
+        b.data.extend(np.asarray(h, dtype=np.float32).ravel().tolist())
+    write_bytes_atomic(path, msg.SerializeToString())
 
 
 def net_from_proto(msg: Any, source: str | None = None, upgrades: list[str] | None = None) -> Net:

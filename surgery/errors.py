@@ -17,6 +17,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedLayerError",
     "DataError",
+    "SolverError",
     "did_you_mean",
 ]
 
@@ -51,6 +52,10 @@ class UnsupportedLayerError(SurgeryError):
 class DataError(SurgeryError):
     """A data source (database, list file, image, HDF5 or mean file) cannot be read as the
     data layer needs; the message names the file and the item (key, line or row)."""
+
+
+class SolverError(SurgeryError):
+    """A solver file, solver state or training run Caffe would refuse (or we cannot honour)."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -499,6 +499,25 @@ def caffe_sigmoid_ce_loss(x: torch.Tensor, target: torch.Tensor, ignore_label: i
     return loss / norm
 
 
+def caffe_accuracy(x: torch.Tensor, label: torch.Tensor, top_k: int, axis: int,
+                   ignore_label: int | None) -> torch.Tensor:
+    """Caffe's Accuracy: a sample is right when at most ``top_k`` scores are >= the true
+    class's score (ties count against it), over the samples whose label is not ignored."""
+    with torch.no_grad():
+        outer = int(math.prod(x.shape[:axis]))
+        inner = int(math.prod(x.shape[axis + 1:]))
+        scores = x.reshape(outer, x.shape[axis], inner)
+        lab = label.reshape(outer, inner).long()
+        keep = torch.ones_like(lab, dtype=torch.bool) if ignore_label is None \
+            else lab != ignore_label
+        safe = torch.where(keep, lab, torch.zeros_like(lab))
+        true = torch.gather(scores, 1, safe[:, None, :])
+        better = (scores >= true).sum(dim=1)
+        right = ((better <= top_k) & keep).sum().to(x.dtype)
+        count = keep.sum().to(x.dtype)
+        return torch.where(count > 0, right / count.clamp(min=1), torch.zeros_like(count))
+
+
 def caffe_weighted_sum(losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     total = losses[0] * weights[0]
     for x, w in zip(losses[1:], weights[1:], strict=True):

@@ -705,6 +705,7 @@ def plan(
     lower_losses: bool | None = None,
     infer_shapes: bool = True,
     outputs: Sequence[str] | None = None,
+    lower_metrics: bool = False,
 ) -> ExportPlan:
     """Resolve ``net`` for ``phase`` and decide what an exporter lowers.
 
@@ -739,6 +740,7 @@ def plan(
         lower_losses: lower loss layers (default: True in TRAIN, False in TEST).
         infer_shapes: run :func:`surgery.shapes.infer` (errors there propagate).
         outputs: blob names to return (rule 7); default Caffe's outputs.
+        lower_metrics: keep ``Accuracy`` layers (the exporter lowers them; rule 2 otherwise).
 
     Raises:
         UnsupportedLayerError: one or more layers have no lowering (all named).
@@ -772,7 +774,7 @@ def plan(
         ):
             sources.append(node)
             continue
-        if layer.type in METRIC_TYPES:
+        if layer.type in METRIC_TYPES and not (lower_metrics and layer.type == "Accuracy"):
             dropped.append(Dropped(node, f"{layer.type} has no meaning in an exported model"))
             continue
         if is_loss(layer) and not lower_losses:

@@ -698,6 +698,20 @@ def _detection_output(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> li
 _OPT_IN: dict[str, Lowering] = {"DetectionOutput": _detection_output}
 
 
+def _accuracy(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    if len(node.layer.tops) > 1:
+        raise UnsupportedLayerError(f"layer {node.layer.name!r}: Accuracy's per-class second "
+                                    "top is not lowered")
+    axis = common.canonical_axis(int(attr(node.layer, "axis", 1)), ctx.ndim(node))
+    ignore = attr(node.layer, "ignore_label", None)
+    return [ctx.call(rt.caffe_accuracy, xs[0], xs[1], int(attr(node.layer, "top_k", 1)), axis,
+                     None if ignore is None else int(ignore))]
+
+
+# Metric layers, lowered only with metrics=True (training's test nets).
+_METRICS: dict[str, Lowering] = {"Accuracy": _accuracy}
+
+
 # -- losses (TRAIN) ---------------------------------------------------------------------------
 @lowering("SoftmaxWithLoss")
 def _softmax_loss(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
@@ -782,6 +796,8 @@ def to_torch(
     seed: int = 0,
     detection_output: bool = False,
     outputs: Sequence[str] | None = None,
+    lower_losses: bool | None = None,
+    metrics: bool = False,
 ) -> fx.GraphModule:
     """Export ``net`` to a ``torch.fx.GraphModule`` computing what Caffe computes.
 
@@ -806,6 +822,9 @@ def to_torch(
             version, Caffe's value after the forward pass (``fc7`` after an in-place
             ``relu7``); ``<blob>@<layer>`` is the version ``<layer>`` wrote. Only the layers
             the outputs depend on are exported (and need weights). In TRAIN no loss is added.
+        lower_losses: lower the loss layers (default: in TRAIN only); a TEST net lowered with
+            them returns its losses and ``total_loss`` as Caffe's test nets do.
+        metrics: lower ``Accuracy`` layers too (Caffe's semantics: top_k, axis, ignore_label).
 
     Returns:
         The module, with ``caffe_names`` (module/parameter/buffer name -> ``{"layer",
@@ -826,8 +845,11 @@ def to_torch(
         table.update(_OPT_IN)
     if outputs is not None:
         outputs = list(dict.fromkeys(outputs))
+    if metrics:
+        table.update(_METRICS)
     plan = common.plan(net, phase, supported=table, input_shapes=input_shapes,
-                       lower_detection_output=detection_output, outputs=outputs)
+                       lower_detection_output=detection_output, outputs=outputs,
+                       lower_losses=lower_losses, lower_metrics=metrics)
     if missing == "error":
         _check_weights(plan)
     root = _Root()
