@@ -362,6 +362,8 @@ _RUNNERS: dict[str, Runner] = {
     "opencv": _run_opencv,
 }
 _MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "torch": ("torch",), "opencv": ("cv2",)}
+#: The extra of caffe-surgery that installs each module a backend needs.
+_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": "torch", "cv2": "all"}
 
 
 def _available(backend: str) -> str | None:
@@ -369,7 +371,7 @@ def _available(backend: str) -> str | None:
 
     for mod in _MODULES[backend]:
         if importlib.util.find_spec(mod) is None:
-            return f"{mod} is not installed"
+            return f"{mod} is not installed (pip install 'caffe-surgery[{_EXTRAS[mod]}]')"
     return None
 
 

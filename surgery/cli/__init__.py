@@ -30,6 +30,8 @@ __all__ = [
     "ensure_distinct",
     "load_for_edit",
     "emit",
+    "missing_extra_message",
+    "OPTIONAL_MODULES",
 ]
 
 
@@ -242,17 +244,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Optional modules a verb may need -> the extra of caffe-surgery that installs them.
+OPTIONAL_MODULES = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "torch": "torch",
+    "safetensors": "torch",
+    "cv2": "all",
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install for a missing optional module, or None.
+
+    Args:
+        exc: the import error raised by a verb.
+
+    Returns:
+        ``"... pip install 'caffe-surgery[onnx]'"`` when the missing module is one of
+        :data:`OPTIONAL_MODULES` (or a submodule of one), else None.
+    """
+    root = (exc.name or "").partition(".")[0]
+    extra = OPTIONAL_MODULES.get(root)
+    if extra is None:
+        return None
+    what = {"cv2": "OpenCV (cv2)"}.get(root, root)
+    return (f"this command needs {what}, which is not installed: "
+            f"pip install 'caffe-surgery[{extra}]'")
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout was closed by the reader (``surgery info NET | head``): exit quietly.
+
+    Python flushes stdout again at exit, which would raise once more; point the descriptor
+    at /dev/null so that final flush succeeds silently.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # pragma: no cover - stdout without a descriptor
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except SurgeryError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"surgery {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"surgery {args.verb}: error: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

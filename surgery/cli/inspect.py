@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,47 +119,162 @@ def info_report(
     }
 
 
-def info_text(rep: dict[str, Any]) -> str:
+#: Default width of the ``info`` table (``--wide`` lifts it).
+TABLE_WIDTH = 100
+
+
+def _shorten(text: str, width: int, at_end: bool = False) -> str:
+    """``text`` cut to ``width`` characters, the cut marked with ``...`` in the middle (names
+    differ at both ends: ``inception_4a/...reduce``) or ``at_end``."""
+    if len(text) <= width:
+        return text
+    if width <= 3:
+        return text[:width]
+    if at_end:
+        return text[: width - 3] + "..."
+    head = (width - 3 + 1) // 2
+    tail = width - 3 - head
+    return text[:head] + "..." + (text[-tail:] if tail else "")
+
+
+def _fit_widths(
+    rows: Sequence[Sequence[str]], width: int, caps: Sequence[int]
+) -> list[int]:
+    """Column widths (2 spaces between columns) that fit ``width``.
+
+    Each column's floor is the width that holds 90% of its cells (97% for the first column,
+    the layer names), at most its cap, so only the odd long cell is cut. The other columns
+    give way first, one character at a time from the one furthest above its floor; then the
+    names; once every column is at its floor, the widest one.
+    """
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    floors = []
+    for i, cap in enumerate(caps):
+        lengths = sorted(len(r[i]) for r in rows)
+        share = 97 if i == 0 else 90
+        floors.append(min(lengths[(len(lengths) - 1) * share // 100], cap))
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        over = [w - f for w, f in zip(widths, floors, strict=True)]
+        i = max(range(1, len(widths)), key=lambda k: (over[k], widths[k]))
+        if over[i] <= 0:
+            i = 0 if over[0] > 0 else max(range(len(widths)), key=lambda k: widths[k])
+        if widths[i] <= 4:
+            break
+        widths[i] -= 1
+    return widths
+
+
+#: Most room a column's floor may claim in the compact table (see :func:`_fit_widths`).
+_CAPS = (26, 11, 20, 13, 20)
+
+
+def _flow_cell(lay: dict[str, Any]) -> str:
+    """``bottoms -> tops`` for the compact table: tops left out where the only top is the
+    layer's own name, ``(in place)`` for a layer writing its bottoms (``--wide`` names them),
+    a count for Splits."""
+    bottoms = ",".join(lay["bottoms"]) or "-"
+    tops = lay["tops"]
+    if lay.get("implicit"):
+        return f"{bottoms} -> {len(tops)} tops"
+    if tops and tops == lay["bottoms"]:
+        return "(in place)"
+    if tops == [lay["name"]]:
+        return bottoms
+    return f"{bottoms} -> {','.join(tops) or '-'}"
+
+
+def _same_shapes(shapes: Sequence[Any]) -> str:
+    texts = [_fmt_shape(s) for s in shapes]
+    if len(texts) > 1 and len(set(texts)) == 1:
+        return f"{texts[0]} (x{len(texts)})"
+    return " ".join(texts) or "-"
+
+
+def info_text(rep: dict[str, Any], wide: bool = False, width: int = TABLE_WIDTH) -> str:
+    """The ``surgery info`` report as text.
+
+    Args:
+        rep: :func:`info_report`'s dict.
+        wide: print every name in full (lines as long as they need); otherwise the table fits
+            ``width`` columns: implicit Split tops are counted rather than listed, equal top
+            shapes written once, and long cells cut in the middle with ``...``.
+        width: the width the compact table fits.
+    """
     rows = [("layer", "type", "bottoms -> tops", "top shapes", "learnable blobs (lr/decay)")]
     for lay in rep["layers"]:
+        fmt = "{} ({}/{})" if wide else "{} {}/{}"
         blobs = ", ".join(
-            f"{_fmt_shape(p['shape'])} ({_fmt_mult(p['lr_mult'])}/{_fmt_mult(p['decay_mult'])})"
+            fmt.format(_fmt_shape(p["shape"]), _fmt_mult(p["lr_mult"]), _fmt_mult(p["decay_mult"]))
             for p in lay["params"]
         )
         if lay["frozen"]:
             blobs += "  [frozen]"
-        rows.append(
-            (
-                lay["name"],
-                lay["type"] + (" (implicit)" if lay.get("implicit") else ""),
-                f"{','.join(lay['bottoms']) or '-'} -> {','.join(lay['tops']) or '-'}",
-                " ".join(_fmt_shape(s) for s in lay["top_shapes"]) or "-",
-                blobs or "-",
+        implicit = bool(lay.get("implicit"))
+        if wide:
+            rows.append(
+                (
+                    lay["name"],
+                    lay["type"] + (" (implicit)" if implicit else ""),
+                    f"{','.join(lay['bottoms']) or '-'} -> {','.join(lay['tops']) or '-'}",
+                    " ".join(_fmt_shape(s) for s in lay["top_shapes"]) or "-",
+                    blobs or "-",
+                )
             )
-        )
-    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(4)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
-        for r in rows
-    ]
+        else:
+            rows.append(
+                (
+                    lay["name"],
+                    lay["type"] + ("*" if implicit else ""),
+                    _flow_cell(lay),
+                    _fmt_shape(lay["top_shapes"][0]) if implicit else _same_shapes(lay["top_shapes"]),
+                    blobs or "-",
+                )
+            )
+    if wide:
+        widths = [min(max(len(r[i]) for r in rows), 48) for i in range(4)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+            for r in rows
+        ]
+    else:
+        rows[0] = ("layer", "type", "bottoms [-> tops]", "top shapes", "learnable (lr/decay)")
+        widths = _fit_widths(rows, width, _CAPS)
+        lines = [
+            "  ".join(
+                _shorten(c, w, at_end=i == len(r) - 1).ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+            for r in rows
+        ]
     t = rep["totals"]
-    lines.append("")
-    lines.append(
+    tail = [
         f"{rep['phase']} net {rep['net']!r}: {t['layers']} layers, {t['params']:,} parameters, "
         f"{t['macs']:,} multiply-adds per forward pass, {t['frozen_layers']}/"
         f"{t['learnable_layers']} learnable layers frozen; outputs: {', '.join(rep['outputs'])}"
-    )
+    ]
+    if t.get("implicit_splits") and not wide:
+        tail.append(f"Split*: the {t['implicit_splits']} Split layers Caffe inserts for blobs "
+                    "read more than once (tops counted; --wide lists them)")
+    if not wide:
+        tail.append("bottoms [-> tops]: tops shown only where they are not the layer's own name; "
+                    "(in place): the layer overwrites its bottoms")
     for u in rep["upgrades"]:
-        lines.append(f"upgrade: {u}")
+        tail.append(f"upgrade: {u}")
     for a in rep["assumptions"]:
-        lines.append(f"assumed: {a}")
+        tail.append(f"assumed: {a}")
     for p in rep["problems"]:
         where = f"layer {p['layer']!r}: " if p["layer"] else ""
         phase = f" [{p['phase']}]" if p["phase"] else ""
-        lines.append(f"{p['severity']}{phase}: {where}{p['message']}")
+        tail.append(f"{p['severity']}{phase}: {where}{p['message']}")
     if not rep["problems"]:
-        lines.append("check: no problems found")
-    return "\n".join(lines)
+        tail.append("check: no problems found")
+    if not wide:
+        tail = [
+            textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
+                          break_on_hyphens=False)
+            for line in tail
+        ]
+    return "\n".join([*lines, "", *tail])
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -167,7 +283,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     net = load(args.net, args.weights)
     phase = args.phase.upper()
     rep = info_report(net, phase, input_shapes(net, args.input_shape, phase))
-    emit(rep, info_text(rep), args.json)
+    emit(rep, info_text(rep, wide=args.wide), args.json)
     return 0
 
 
@@ -202,6 +318,11 @@ def register(sub: Any) -> None:
     p.add_argument("--phase", default="test", choices=["train", "test", "TRAIN", "TEST"])
     add_input_shape_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--wide", action="store_true",
+        help=f"print every name and implicit Split top in full (default: fit {TABLE_WIDTH} "
+        "columns, long cells cut with '...')",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("upgrade", help="rewrite a legacy V0/V1 definition (and weights) as V2")
