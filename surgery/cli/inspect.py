@@ -226,7 +226,7 @@ def info_text(rep: dict[str, Any], wide: bool = False, width: int = TABLE_WIDTH)
                     lay["name"],
                     lay["type"] + ("*" if implicit else ""),
                     _flow_cell(lay),
-                    _fmt_shape(lay["top_shapes"][0]) if implicit else _same_shapes(lay["top_shapes"]),
+                    _same_shapes(lay["top_shapes"][:1] if implicit else lay["top_shapes"]),
                     blobs or "-",
                 )
             )
