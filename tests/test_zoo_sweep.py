@@ -133,3 +133,28 @@ def test_unsupported_and_skipped_rows(tmp_path: Path) -> None:
     assert res.status.startswith("skip: the TEST net does not resolve")
     table = zoo_convert.table([res])
     assert "colorization/train_val" in table and "1 skip" in table
+
+
+def test_table_shows_weights_and_a_head_on_random_values(tmp_path: Path) -> None:
+    """LeNet with a renamed head (``ip2`` -> ``ip2_new``): the trained caffemodel covers
+    conv1, conv2 and ip1, ip2_new gets random values. The row must say so (issue 7 item 14),
+    not just "ok"."""
+    import shutil
+
+    src = ZOO / "lenet_trained"
+    text = (src / "lenet.prototxt").read_text()
+    assert '"ip2"' in text
+    (tmp_path / "lenet.prototxt").write_text(text.replace('"ip2"', '"ip2_new"'))
+    shutil.copy(src / "lenet_iter_10000.caffemodel", tmp_path)
+    res = zoo_convert.convert(tmp_path / "lenet.prototxt", tmp_path / "out", opencv=False)
+    assert res.status == "ok", (res.status, res.notes[-3:])
+    assert res.weights == "lenet_iter_10000.caffemodel + 1 random"
+    assert res.random_layers == ["ip2_new"]
+    full = zoo_convert.convert(src / "lenet.prototxt", tmp_path / "out2", opencv=False)
+    assert full.weights == "lenet_iter_10000.caffemodel" and not full.random_layers
+    text = zoo_convert.table([res, full])
+    header, row, row_full = text.splitlines()[:3]
+    assert "weights" in header.split()
+    assert "lenet_iter_10000.caffemodel + 1 random" in row
+    assert "lenet_iter_10000.caffemodel " in row_full and "random" not in row_full
+    assert "random ip2_new" in text and "1 net(s) compared with a caffemodel plus random" in text

@@ -30,6 +30,11 @@ For each net:
    compare every blob too. The generated ``torch/model.py`` is run once and must equal the
    in-memory module on the outputs.
 
+The table's ``weights`` column says what the comparison ran on: the caffemodel's file name,
+``FILE + N random`` when N learnable layers were not in it (a renamed head: they are listed under
+the table, so an ``ok`` never hides a head compared on random values), ``random`` (no matching
+caffemodel, or ``--random-weights``), or ``none needed``.
+
 Status per net: ``ok``; ``unsupported: <types>`` (our exporters' one error naming every layer
 they cannot lower); ``mismatch: <backend> <blob> rel <err>`` (a blob above the tolerance);
 ``error: <message>`` (our code failed). A reference that cannot read or run a net (OpenCV has
@@ -77,6 +82,7 @@ class Result:
     layers: int = 0
     status: str = "error"
     weights: str = ""  # the caffemodel used, or "random"
+    random_layers: list[str] = field(default_factory=list)  # learnable layers given random blobs
     inputs: dict[str, list[int]] = field(default_factory=dict)
     torch_vs_onnx: float | None = None  # worst relative error over common blobs
     vs_opencv: float | None = None  # worst of onnxruntime/torch vs OpenCV
@@ -631,9 +637,12 @@ def convert(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
             res.status = f"invalid: {_first_line(exc)}"
             return res
         filled = fill_random(net, flow, info, seed)
-        if filled:
-            res.weights = (f"{res.weights} + random ({len(filled)})" if res.weights
-                           else "random")
+        res.random_layers = list(filled)
+        if filled and res.weights:
+            res.weights = f"{res.weights} + {len(filled)} random"
+            res.notes.append(f"random weights (not in {weights.name}): " + ", ".join(filled))
+        elif filled:
+            res.weights = "random"
         elif not res.weights:
             res.weights = "none needed"
         feed = random_feed(shapes, seed)
@@ -753,9 +762,12 @@ def _cut(text: str, n: int) -> str:
 
 
 def table(results: Sequence[Result]) -> str:
-    head = ["net", "layers", "status", "torch/onnx", "vs opencv", "vs caffe", "time"]
-    rows = [[r.name, str(r.layers), _cut(r.status, 70), _fmt_err(r.torch_vs_onnx),
-             _fmt_err(r.vs_opencv), _fmt_err(r.vs_caffe), f"{r.seconds:.1f}s"] for r in results]
+    """The sweep's table: one row per net, the weights each comparison ran on, the counts,
+    and every net compared with a caffemodel *and* random layers, naming those layers."""
+    head = ["net", "layers", "weights", "status", "torch/onnx", "vs opencv", "vs caffe", "time"]
+    rows = [[r.name, str(r.layers), _cut(r.weights or "-", 40), _cut(r.status, 70),
+             _fmt_err(r.torch_vs_onnx), _fmt_err(r.vs_opencv), _fmt_err(r.vs_caffe),
+             f"{r.seconds:.1f}s"] for r in results]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in [head, *rows]]
@@ -765,6 +777,12 @@ def table(results: Sequence[Result]) -> str:
         counts[key] = counts.get(key, 0) + 1
     lines.append("")
     lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    partial = [r for r in results if r.random_layers and r.weights != "random"]
+    if partial:
+        lines.append(f"{len(partial)} net(s) compared with a caffemodel plus random layers "
+                     "(their outputs are not the trained net's):")
+        lines.extend(f"  {r.name}: {r.status.split(':')[0]}, random {', '.join(r.random_layers)}"
+                     for r in partial)
     return "\n".join(lines)
 
 
@@ -824,8 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     random_weights=args.random_weights)
         results.append(r)
         extra = [n for n in r.notes if n.startswith(("opencv:", "caffe:"))]
-        print(f"{r.status} ({r.seconds:.1f}s)" + (f" [{'; '.join(extra)}]" if extra else ""),
-              flush=True)
+        print(f"{r.status}, weights {r.weights or '-'} ({r.seconds:.1f}s)"
+              + (f" [{'; '.join(extra)}]" if extra else ""), flush=True)
     print()
     print(table(results))
     if args.json:
