@@ -29,6 +29,8 @@ __all__ = [
     "ensure_output",
     "ensure_distinct",
     "load_for_edit",
+    "add_fill_missing",
+    "weights_coverage",
     "emit",
     "missing_extra_message",
     "OPTIONAL_MODULES",
@@ -189,6 +191,57 @@ def add_input_shape_option(p: argparse.ArgumentParser) -> None:
         "default: what `surgery info` infers (data layers: batch_size, crop_size, channels "
         "from the weights or the mean values, else 3)",
     )
+
+
+def add_fill_missing(p: argparse.ArgumentParser, *, seed: bool) -> None:
+    """``--fill-missing`` (and ``--seed`` when the verb has none) for a verb taking
+    ``--weights``."""
+    p.add_argument("--fill-missing", action="store_true",
+                   help="draw the layers IN.caffemodel has no weights for from their fillers "
+                   "(as `surgery init`) into OUT.caffemodel")
+    if seed:
+        p.add_argument("--seed", type=int, default=None,
+                       help="seed for --fill-missing (default: surgery.fillers.DEFAULT_SEED)")
+
+
+def weights_coverage(args: argparse.Namespace, net: Any, report: Any) -> Any:
+    """After an op with ``--weights``: report the learnable layers that have no weights, or
+    draw them with ``--fill-missing`` (:func:`surgery.ops.init.init_weights`).
+
+    Returns:
+        The net to save (a new one when layers were drawn).
+
+    Raises:
+        CliError: ``--fill-missing`` without ``--weights``.
+    """
+    weights = getattr(args, "weights", None)
+    fill = getattr(args, "fill_missing", False)
+    if weights is None:
+        if fill:
+            raise CliError("--fill-missing needs --weights (the caffemodel whose gaps to fill)")
+        return net
+    from ..ops.init import init_weights, missing_weights
+
+    missing = missing_weights(net)
+    if not missing:
+        return net
+    shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+    if fill:
+        net, drawn = init_weights(net, seed=getattr(args, "seed", None))
+        for c in drawn.changed:
+            report.change(c["layer"], "--fill-missing: " + c["what"])
+        report.seed = drawn.seed if report.seed is None else report.seed
+        report.note(f"--fill-missing: {len(missing)} layer(s) without weights in {weights} "
+                    f"drawn from their fillers (seed {drawn.seed}): {shown}")
+    else:
+        for name in missing:
+            report.leave(name, f"no weights in {weights}: not written either; Caffe draws it "
+                         "from its fillers when it loads the net (--fill-missing writes values)")
+        report.note(f"{len(missing)} learnable layer(s) have no weights in {weights}: {shown}; "
+                    "give --fill-missing to draw them from their fillers")
+    report.data["missing_weights"] = missing
+    report.data["filled_missing"] = bool(fill)
+    return net
 
 
 def emit(report: dict[str, Any], text: str, as_json: bool) -> None:

@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import CliError, emit, ensure_distinct, ensure_output, load_for_edit
+from . import (
+    CliError,
+    add_fill_missing,
+    emit,
+    ensure_distinct,
+    ensure_output,
+    load_for_edit,
+    weights_coverage,
+)
 
 __all__ = ["register"]
 
@@ -61,6 +69,7 @@ def _common(p: argparse.ArgumentParser, weights: bool, seed: bool = False) -> No
     if weights:
         p.add_argument("--weights", help="IN.caffemodel")
         p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
+        add_fill_missing(p, seed=not seed)
     if seed:
         p.add_argument(
             "--seed",
@@ -79,6 +88,8 @@ def _finish(args: argparse.Namespace, net: Any, report: Any) -> int:
     weights = getattr(args, "weights", None)
     if weights is not None and out_weights is None and getattr(args, "_changes_blobs", False):
         report.note("--weights given without --out-weights: the new weights were not written")
+    if out_weights is not None or getattr(args, "fill_missing", False):
+        net = weights_coverage(args, net, report)
     save(net, args.output, out_weights)
     data = report.as_dict()
     data["output"] = args.output
@@ -174,6 +185,24 @@ def cmd_fc_to_conv(args: argparse.Namespace) -> int:
     net = load_for_edit(args)
     new, report = fc_to_conv(net, layers=_split_globs(args.layers), suffix=args.suffix)
     return _finish(args, new, report)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ..caffe_io import load, save
+    from ..ops.init import init_weights
+
+    if not str(args.output).endswith(".caffemodel"):
+        raise CliError(f"init: -o names the caffemodel to write (W.caffemodel); got {args.output}")
+    ensure_output([args.net], args.output, args.in_place)
+    net = load(args.net)
+    new, report = init_weights(net, seed=args.seed, all_layers=True)
+    save(new, weights=args.output)
+    data = report.as_dict()
+    data["output"] = args.output
+    n = len(report.data["filled"])
+    emit(data, report.text() + f"\n{n} layer(s) drawn, seed {report.seed}\nwrote {args.output}",
+         args.json)
+    return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -296,6 +325,19 @@ def register(sub: Any) -> None:
         help="appended to converted layers' names (default -conv; '' keeps the names)",
     )
     p.set_defaults(func=cmd_fc_to_conv, _changes_blobs=True)
+
+    p = sub.add_parser(
+        "init", help="random weights for a net from its fillers (as Caffe initialises it)",
+        description="Write a caffemodel with every learnable blob drawn from its filler, as "
+        "Caffe does when it builds the net; a weight filler left at constant 0 becomes "
+        "gaussian/xavier (reported), BatchNorm gets mean 0, variance 1.")
+    p.add_argument("net", help="NET.prototxt")
+    p.add_argument("-o", "--output", required=True, help="W.caffemodel")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed (default: surgery.fillers.DEFAULT_SEED), reported")
+    p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("apply", help="run the steps of a TOML recipe on one net")
     p.add_argument("recipe", help="RECIPE.toml")

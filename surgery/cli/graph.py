@@ -13,12 +13,14 @@ from typing import Any
 from ..errors import did_you_mean
 from . import (
     CliError,
+    add_fill_missing,
     add_input_shape_option,
     emit,
     ensure_distinct,
     ensure_output,
     input_shapes,
     load_for_edit,
+    weights_coverage,
 )
 
 __all__ = ["register"]
@@ -28,6 +30,7 @@ def _save(args: argparse.Namespace, net: Any, report: Any) -> int:
     from ..caffe_io import save
 
     out_weights = getattr(args, "out_weights", None)
+    net = weights_coverage(args, net, report)
     save(net, args.output, out_weights)
     data = report.as_dict()
     data.update(output=args.output, out_weights=out_weights)
@@ -156,6 +159,7 @@ def register(sub: Any) -> None:
     _rewire_options(p)
     p.add_argument("--weights", help="IN.caffemodel (carried over; the new layers have none)")
     p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
+    add_fill_missing(p, seed=True)
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_insert_eltwise)
@@ -178,7 +182,9 @@ def register(sub: Any) -> None:
     p.add_argument("--weights", help="IN.caffemodel")
     p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed for the random gate weights (default: surgery.fillers.DEFAULT_SEED)")
+                   help="seed for the random gate weights and --fill-missing (default: "
+                   "surgery.fillers.DEFAULT_SEED)")
+    add_fill_missing(p, seed=False)
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_insert_gate)
