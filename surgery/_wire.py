@@ -28,12 +28,13 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from math import prod
 
 import numpy as np
+
+from . import _atomic
 
 __all__ = [
     "BlobRecord",
@@ -582,12 +583,6 @@ def _blob_parts(array: np.ndarray) -> tuple[list[bytes | memoryview], int]:
     return parts, sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_caffemodel(
     path: str | os.PathLike[str],
     net_header: bytes,
@@ -603,8 +598,8 @@ def write_caffemodel(
     number order) the output is byte-identical to protobuf's serialization of the same message.
 
     The file is written to a temporary file in the same directory and moved over `path` with
-    ``os.replace``, so readers never see a half-written file, and arrays still mapped from the
-    old file stay valid.
+    ``os.replace`` (through :mod:`surgery._atomic`, joining an open set of outputs), so readers
+    never see a half-written file, and arrays still mapped from the old file stay valid.
 
     Args:
         path: Destination file.
@@ -619,7 +614,7 @@ def write_caffemodel(
 
     Raises:
         ValueError: Unknown `format`, or a header that already holds blobs / layers.
-        OSError: The file cannot be written; `path` is left untouched.
+        OSError, SurgeryError: The file cannot be written; `path` is left untouched.
     """
     if format == "V2":
         layer_field, blobs_field = _NET_LAYER, _L2_BLOBS
@@ -648,14 +643,10 @@ def write_caffemodel(
         total += len(chunks[0]) + body
         plan.append(chunks)
 
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would have.
-        os.fchmod(fd, 0o666 & ~_umask())
+    with _atomic.outputs() as out:
+        tmp = out.file(path)
         written = 0
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(net_before)
             written += len(net_before)
             for chunks in plan:
@@ -668,13 +659,6 @@ def write_caffemodel(
             written += len(net_after)
         if written != total:  # a bug in the layout above, never the caller's data
             raise AssertionError(f"wrote {written} bytes, planned {total}")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     if progress is not None:
         progress(total, total)
     return total

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
-from . import _wire
+from . import _atomic, _wire
 from ._proto import caffe_pb2
 from .errors import NetError, ParseError, SurgeryError
 from .layers import _is_repeated, param_field_for
@@ -632,36 +631,23 @@ def read_weights(
 def write_text_atomic(path: PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder + rename.
 
+    Joins the set of outputs open in this thread (:func:`surgery._atomic.outputs`), if any.
+
     Raises:
         SurgeryError: the file cannot be written (``path`` is left untouched).
     """
-    write_bytes_atomic(path, text.encode("utf-8"))
+    _atomic.write_text(path, text)
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder + rename.
 
+    Joins the set of outputs open in this thread (:func:`surgery._atomic.outputs`), if any.
+
     Raises:
         SurgeryError: the file cannot be written (``path`` is left untouched).
     """
-    p = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as exc:
-        raise SurgeryError(f"{p}: cannot write: {exc.strerror or exc}") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_wire._umask())  # mkstemp makes 0600; give normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise SurgeryError(f"{p}: cannot write: {exc.strerror or exc}") from None
-        raise
+    _atomic.write_bytes(path, data)
 
 
 def save(
@@ -671,7 +657,7 @@ def save(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Write the definition and/or the weights, each atomically (temp file + rename).
+    """Write the definition and/or the weights atomically, as a set (both or neither).
 
     The caffemodel is V2 (``layer``, field 100): one record per layer name that has weights,
     with the full layer definition, as Caffe's ``Net::ToProto`` writes it.
@@ -703,19 +689,18 @@ def save(
             records.append((header, [p.data for p in layer.params]))
         if not records:
             raise SurgeryError(f"{weights}: the net has no weights to write")
-    for dst in (prototxt, weights):
-        if dst is not None and not Path(dst).resolve().parent.is_dir():
-            raise SurgeryError(f"{dst}: cannot write: folder {Path(dst).parent} does not exist")
-    if text is not None:
-        write_text_atomic(prototxt, text)  # type: ignore[arg-type]
-    if weights is not None:
-        head = caffe_pb2.NetParameter()
-        if net.name:
-            head.name = net.name
-        try:
-            _wire.write_caffemodel(weights, head.SerializeToString(), records, progress=progress)
-        except OSError as exc:
-            raise SurgeryError(f"{weights}: cannot write: {exc.strerror or exc}") from None
+    with _atomic.outputs() as out:  # both files or neither
+        if text is not None:
+            out.write_text(prototxt, text)  # type: ignore[arg-type]
+        if weights is not None:
+            head = caffe_pb2.NetParameter()
+            if net.name:
+                head.name = net.name
+            try:
+                _wire.write_caffemodel(weights, head.SerializeToString(), records,
+                                       progress=progress)
+            except OSError as exc:
+                raise SurgeryError(f"{weights}: cannot write: {exc.strerror or exc}") from None
 
 
 # -- data files: BlobProto (mean.binaryproto) and Datum (LMDB/LevelDB values) ----------------

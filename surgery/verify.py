@@ -317,10 +317,12 @@ def _run_opencv(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Fil
     with tempfile.TemporaryDirectory(prefix="surgery-verify-") as tmp:
         proto, weights = files.prototxt, files.weights
         if proto is None or weights is None:
+            from . import _atomic
             from .caffe_io import save
 
             proto, weights = str(Path(tmp) / "net.prototxt"), str(Path(tmp) / "w.caffemodel")
-            save(net, proto, weights)
+            with _atomic.standalone():  # scratch files read back at once, not outputs
+                save(net, proto, weights)
         try:
             cvnet = cv2.dnn.readNetFromCaffe(proto, weights)
         except cv2.error as exc:

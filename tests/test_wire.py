@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from surgery import _wire
 from surgery._proto import caffe_pb2
 from surgery._wire import read_caffemodel, write_caffemodel
+from surgery.errors import SurgeryError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = sorted(SHARED.glob("zoo/**/*.caffemodel")) + sorted(
@@ -396,7 +397,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SurgeryError, match="disk full"):
         write_caffemodel(path, b"", [(b"", [np.ones(3)])])
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["w.caffemodel"]

@@ -343,10 +343,13 @@ def _quiet_broken_pipe() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
+    from .._atomic import Terminated, sigterm_as_exit
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = int(args.func(args) or 0)
+        with sigterm_as_exit():  # SIGTERM cleans up like Ctrl-C (outputs are written as a set)
+            code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
     except SurgeryError as exc:
@@ -367,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
 
 
 def __getattr__(name: str) -> Any:  # surgery.cli.info_report etc. live in cli.inspect

@@ -23,6 +23,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from ..caffe_io import load
 
     ensure_output([args.net, args.weights], args.output)
+    # the external data file (written beside big models) must not be an input either
+    ensure_output([args.net, args.weights], args.output + ".data", what="-o (its .data file)")
     net = load(args.net, args.weights)
     phase = args.phase.upper()
     shapes = input_shapes(net, args.input_shape, phase)
@@ -52,19 +54,21 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 def cmd_export_torch(args: argparse.Namespace) -> int:
     """``surgery export torch``."""
     from ..caffe_io import load
+    from ..errors import SurgeryError
+    from ..export.torch import check_export_folder, save_torch
 
-    ensure_output([args.net, args.weights], args.output)
+    inputs = [args.net, args.weights]
+    try:  # before loading: -o ., a folder with other files or with an input are refused
+        check_export_folder(args.output, inputs)
+    except SurgeryError as exc:
+        raise CliError(f"-o {exc}") from None
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"-o {args.output} exists and is not a folder")
     net = load(args.net, args.weights)
     phase = args.phase.upper()
     shapes = input_shapes(net, args.input_shape, phase)
-    from ..export.torch import save_torch
-
     outputs = _blob_list(args.outputs, "--outputs") if args.outputs else None
     save_torch(net, args.output, phase, shapes, detection_output=args.detection_output,
-               outputs=outputs)
+               outputs=outputs, inputs=inputs)
     files = sorted(p.name for p in out.iterdir())
     meta = json.loads((out / "caffe_names.json").read_text(encoding="utf-8"))
     rep = {"output": args.output, "phase": phase, "files": files, "inputs": meta["inputs"],

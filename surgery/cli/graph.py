@@ -80,6 +80,7 @@ def _mapping(items: list[str] | None) -> dict[str, str]:
 
 
 def cmd_transplant(args: argparse.Namespace) -> int:
+    from .. import _atomic
     from ..caffe_io import load, read_weights, save, write_text_atomic
     from ..ops.transplant import transplant
 
@@ -109,12 +110,13 @@ def cmd_transplant(args: argparse.Namespace) -> int:
         new, report = transplant(new, wf, own, args.on_mismatch, seed=args.seed,
                                  input_shapes=shapes)
         reports.append(report)
-    save(new, weights=args.output)
     data = reports[-1].as_dict() if len(reports) == 1 else {
         "op": "transplant", "sources": [r.as_dict() for r in reports]}
     data.update(output=args.output)
-    if args.report is not None:
-        write_text_atomic(args.report, json.dumps(data, indent=1, default=str) + "\n")
+    with _atomic.outputs():  # the caffemodel and the report, both or neither
+        save(new, weights=args.output)
+        if args.report is not None:
+            write_text_atomic(args.report, json.dumps(data, indent=1, default=str) + "\n")
     lines = []
     for src, report in zip(sources, reports, strict=True):
         c = report.data["counts"]

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1218,34 +1216,38 @@ def save_onnx(
         the errors of :func:`to_onnx`; SurgeryError when the file cannot be written or the
         checker refuses the model.
     """
+    from .. import _atomic
+
     model = to_onnx(net, opset, dynamic_batch, fold_bn, input_shapes, phase=phase)
     limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     out = Path(path)
     external = sum(t.ByteSize() for t in model.graph.initializer) > limit
     data = out.with_name(out.name + ".data")
-    staging: Path | None = None
+    for src in (net.source, net.weights_source):
+        if src is not None and external and os.path.realpath(src) == os.path.realpath(data):
+            raise SurgeryError(f"{data}: the external data file would overwrite the input {src}; "
+                               "choose another output name")
     try:
-        # Both files are written and checked in a hidden folder beside the target, then moved
-        # into place: an existing model (and the .data file it points to) stays intact until
-        # the new one is complete.
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        tmp = staging / out.name
-        if external:
-            onnx.save_model(model, str(tmp), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data.name, size_threshold=0)
-            onnx.checker.check_model(str(tmp), full_check=True)
-            os.replace(staging / data.name, data)
-        else:
-            onnx.checker.check_model(model, full_check=True)
-            onnx.save_model(model, str(tmp))
-        os.replace(tmp, out)
+        # Both files are written and checked in a scratch folder beside the target, then moved
+        # onto their own temporaries and renamed together (surgery._atomic): an existing model
+        # and the .data file it points to stay intact until the new pair is complete.
+        with _atomic.outputs() as tx:
+            staging = tx.scratch(out)
+            tmp = staging / out.name
+            if external:
+                onnx.save_model(model, str(tmp), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=data.name,
+                                size_threshold=0)
+                onnx.checker.check_model(str(tmp), full_check=True)
+                os.replace(staging / data.name, tx.file(data))
+            else:
+                onnx.checker.check_model(model, full_check=True)
+                onnx.save_model(model, str(tmp))
+            os.replace(tmp, tx.file(out))
     except OSError as exc:
         raise SurgeryError(f"{path}: cannot write: {exc.strerror or exc}") from None
     except onnx.checker.ValidationError as exc:
         raise SurgeryError(f"{path}: the ONNX checker refused the export: {exc}") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return model
 
 

@@ -35,8 +35,6 @@ import json
 import math
 import operator
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1206,6 +1204,91 @@ def _strip_docstring(src: str) -> str:
     return src
 
 
+#: The files an export writes; a folder holding only these (and Python's ``__pycache__``) is a
+#: previous export that a new one may replace.
+EXPORT_FILES = ("model.py", "weights.safetensors", "caffe_names.json")
+
+
+def previous_export(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds nothing but a previous :func:`save_torch` export.
+
+    That is: ``model.py`` and ``caffe_names.json``, optionally ``weights.safetensors``, and a
+    ``__pycache__`` folder holding only ``model.*.pyc`` (left by importing ``model.py``).
+    """
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return False
+    if not {"model.py", "caffe_names.json"} <= names or names - {*EXPORT_FILES, "__pycache__"}:
+        return False
+    if "__pycache__" in names:
+        cache = Path(folder) / "__pycache__"
+        try:
+            if not cache.is_dir() or cache.is_symlink() or any(
+                not (n.startswith("model.") and n.endswith(".pyc")) for n in os.listdir(cache)
+            ):
+                return False
+        except OSError:
+            return False
+    return all(
+        (Path(folder) / n).is_file() and not (Path(folder) / n).is_symlink()
+        for n in names - {"__pycache__"}
+    )
+
+
+def check_export_folder(
+    out_dir: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Where :func:`save_torch` may write: refuse anything that would lose a user's files.
+
+    Rules: (1) the current folder or one above it is refused (``-o .``, ``-o ..``); (2) a
+    folder that holds an input (``inputs``) is refused; (3) an existing path that is not a
+    folder is refused; (4) an existing non-empty folder is replaced only when ``overwrite`` and
+    it holds nothing but a previous export (:func:`previous_export`).
+
+    Returns:
+        The folder's real path (symbolic links resolved).
+
+    Raises:
+        SurgeryError: one of the rules above, naming the folder and what to do.
+    """
+    given = os.fspath(out_dir)
+    out = Path(os.path.realpath(given))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if out == cwd or out in cwd.parents:
+        raise SurgeryError(
+            f"{given}: is the current folder or one above it; an export replaces its folder "
+            "as a whole, so name a new folder (e.g. -o model_torch)"
+        )
+    for src in inputs:
+        if src is None:
+            continue
+        real = Path(os.path.realpath(os.fspath(src)))
+        if real == out or out in real.parents:
+            raise SurgeryError(
+                f"{given}: holds the input {os.fspath(src)}; an export replaces its folder as a "
+                "whole, so name a new folder"
+            )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise SurgeryError(f"{given}: exists and is not a folder; name a new folder")
+        try:
+            empty = not any(os.scandir(out))
+        except OSError as exc:
+            raise SurgeryError(f"{given}: cannot read: {exc.strerror or exc}") from None
+        if not empty and not overwrite:
+            raise SurgeryError(f"{given}: exists; pass overwrite=True or choose another folder")
+        if not empty and not previous_export(out):
+            raise SurgeryError(
+                f"{given}: exists and is not a previous export (it holds other files); an "
+                "export replaces its folder as a whole, so name a new or empty folder"
+            )
+    return out
+
+
 def save_torch(
     net: Net,
     out_dir: str | os.PathLike[str],
@@ -1217,63 +1300,66 @@ def save_torch(
     overwrite: bool = True,
     detection_output: bool = False,
     outputs: Sequence[str] | None = None,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
 ) -> Path:
     """Write ``model.py``, ``weights.safetensors`` and ``caffe_names.json`` into ``out_dir``.
 
-    Everything is written into a temporary folder beside ``out_dir`` and renamed into place, so
-    a failure leaves no partial output.
+    Everything is written into a temporary folder beside ``out_dir`` and renamed into place
+    (:mod:`surgery._atomic`), so a failure or a signal leaves no partial output. An existing
+    ``out_dir`` is replaced as a whole, and only when it is empty or a previous export
+    (:func:`check_export_folder`): never a folder with other files, one holding the net's own
+    files, or the current folder.
 
     Args:
         net: the net.
-        out_dir: the folder to create (replaced when it exists and ``overwrite``).
+        out_dir: the folder to create (or the previous export to replace).
         phase: ``"test"`` or ``"train"``.
         input_shapes: see :func:`to_torch`.
         missing: see :func:`to_torch`.
         seed: see :func:`to_torch`.
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace a previous export in ``out_dir``.
         detection_output: see :func:`to_torch`.
         outputs: see :func:`to_torch` (the module then returns a dict of those blobs).
+        inputs: more files the folder must not hold (the net's ``source`` and
+            ``weights_source`` are always included).
 
     Returns:
         The output folder.
 
     Raises:
         UnsupportedLayerError, NetError, ShapeMismatchError: as :func:`to_torch`.
-        SurgeryError: ``out_dir`` exists and ``overwrite`` is False.
+        SurgeryError: ``out_dir`` may not be written (see :func:`check_export_folder`), or
+            cannot be.
     """
     from safetensors.torch import save_model
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise SurgeryError(f"{out} exists; pass overwrite=True or choose another folder")
+    from .. import _atomic
+
+    sources = [*inputs, net.source, net.weights_source]
+    out = check_export_folder(out_dir, sources, overwrite=overwrite)
     gm = to_torch(net, phase, input_shapes, missing=missing, seed=seed,
                   detection_output=detection_output, outputs=outputs)
     src = generate_source(gm)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "model.py").write_text(src, encoding="utf-8")
-        save_model(gm, str(tmp / "weights.safetensors"))
-        meta = {
-            "caffe_names": gm.caffe_names,
-            "lr": {k: list(v) for k, v in gm.caffe_lr.items()},
-            "inputs": gm.input_names,
-            "outputs": gm.output_names,
-            "phase": gm.caffe_phase,
-            "notes": gm.notes,
-        }
-        (tmp / "caffe_names.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False),
-                                              encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    if not out.parent.is_dir():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SurgeryError(f"{out_dir}: cannot write: {exc.strerror or exc}") from None
+    meta = {
+        "caffe_names": gm.caffe_names,
+        "lr": {k: list(v) for k, v in gm.caffe_lr.items()},
+        "inputs": gm.input_names,
+        "outputs": gm.output_names,
+        "phase": gm.caffe_phase,
+        "notes": gm.notes,
+    }
+    with _atomic.outputs() as tx:
+        tmp = tx.folder(out, replace=True)  # checked above: empty or a previous export
+        try:
+            (tmp / "model.py").write_text(src, encoding="utf-8")
+            save_model(gm, str(tmp / "weights.safetensors"))
+            (tmp / "caffe_names.json").write_text(
+                json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+        except OSError as exc:
+            raise SurgeryError(f"{out_dir}: cannot write: {exc.strerror or exc}") from None
+    return Path(out_dir)
