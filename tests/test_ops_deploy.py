@@ -34,9 +34,27 @@ def roundtrip(net: surgery.Net, tmp: Path, weights: bool = False) -> surgery.Net
 
 
 # -- to_deploy ----------------------------------------------------------------------------------
-def test_googlenet_train_val_to_deploy(tmp_path: Path) -> None:
+def test_googlenet_train_val_to_deploy_is_the_published_deploy(tmp_path: Path) -> None:
+    # issue 7 item 6: the auxiliary heads (loss_weight 0.3) go with the branches that only
+    # feed them; the result is the zoo's deploy.prototxt, layer for layer
     tv = load(GOOGLENET / "train_val.prototxt")
-    out, rep = to_deploy(tv)
+    out, rep = to_deploy(tv, input_shape="10,3,224,224")
+    zoo = load(GOOGLENET / "deploy.prototxt")
+    assert [(lay.name, lay.type, lay.bottoms, lay.tops) for lay in out.layers] == [
+        (lay.name, lay.type, lay.bottoms, lay.tops) for lay in zoo.layers]
+    def plain(lay):  # the two files write different fillers (xavier std is unused)
+        return {k: v for k, v in lay.attrs.items() if not k.endswith("filler")}
+
+    assert [plain(lay) for lay in out.layers] == [plain(lay) for lay in zoo.layers]
+    assert rep.data["outputs"] == ["prob"]
+    assert rep.data["aux_dropped"] == ["loss1/loss", "loss2/loss"]
+    assert any("--keep-aux" in c["what"] and "loss1/ave_pool" in c["what"] for c in rep.changed)
+    roundtrip(out, tmp_path)
+
+
+def test_googlenet_train_val_to_deploy_keep_aux(tmp_path: Path) -> None:
+    tv = load(GOOGLENET / "train_val.prototxt")
+    out, rep = to_deploy(tv, keep_aux=True)
     first = out.layers[0]
     assert (first.name, first.type, first.tops) == ("data", "Input", ["data"])
     assert first.attrs["shape"][0]["dim"] == [50, 3, 224, 224]  # TEST batch, crop, 3 means
@@ -111,6 +129,8 @@ layer { name: "label_sink" type: "Silence" bottom: "label_copy" }
     assert out.layers[0].attrs["shape"][0]["dim"] == [10, 3, 32, 32]
     assert not out.layers_named("label_copy") and not out.layers_named("label_sink")
     assert any(c["layer"] == "label_copy" and "training-only" in c["what"] for c in rep.changed)
+    assert len([lay for lay in out.layers if lay.type == "Softmax"]) == 1
+    out, rep = to_deploy(load(tmp_path / "t.prototxt"), keep_aux=True)
     assert len([lay for lay in out.layers if lay.type == "Softmax"]) == 3
     roundtrip(out, tmp_path)
 

@@ -173,7 +173,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     shape = _shape(args.input_shape)
     net = load_for_edit(args)
-    new, report = to_deploy(net, input_shape=shape)
+    new, report = to_deploy(net, input_shape=shape, keep_aux=args.keep_aux)
     return _finish(args, new, report)
 
 
@@ -306,6 +306,9 @@ def register(sub: Any) -> None:
     p.add_argument("net", help="TRAIN_VAL.prototxt")
     p.add_argument("-o", "--output", required=True, help="DEPLOY.prototxt")
     p.add_argument("--input-shape", metavar="N,C,H,W", help="the Input layer's shape")
+    p.add_argument("--keep-aux", action="store_true",
+                   help="keep auxiliary heads (losses with a smaller loss_weight, GoogLeNet's "
+                   "loss1/loss2), each with its own Softmax")
     p.add_argument("--weights", help="IN.caffemodel (only to read the input channels)")
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -71,9 +71,53 @@ def _shape_arg(shape: Any, what: str = "input_shape") -> tuple[int, ...]:
     return dims
 
 
+def _loss_weight(lay: Layer) -> float:
+    """The weight of a loss layer's first top (Caffe: 1 unless ``loss_weight`` says)."""
+    w = lay.extra.get("loss_weight")
+    if isinstance(w, (list, tuple)):
+        w = w[0] if w else None
+    return 1.0 if w is None else float(w)
+
+
+def _aux_layers(flow: Any, heads: list[Layer]) -> tuple[set[int], list[Layer]]:
+    """Rule 5: (ids of the layers that only feed auxiliary heads, the auxiliary heads).
+
+    An auxiliary head is a loss with a ``loss_weight`` below the largest one among the heads
+    (GoogLeNet's 0.3 against 1). Everything the other heads, and every output that is not a
+    loss or an Accuracy, need is kept; the rest of the TEST view only feeds the auxiliary
+    losses and the Accuracy layers.
+    """
+    if len(heads) < 2:
+        return set(), []
+    top = max(_loss_weight(h) for h in heads)
+    aux = [h for h in heads if _loss_weight(h) < top]
+    if not aux:
+        return set(), []
+    aux_ids = {id(h) for h in aux}
+    roots = [n for n in flow.nodes if is_loss(n.layer) and id(n.layer) not in aux_ids
+             and any(n.layer is h for h in heads)]
+    for v in flow.outputs:
+        lay = v.producer.layer
+        if not is_loss(lay) and lay.type not in _DROP_TYPES:
+            roots.append(v.producer)
+    keep: set[int] = set()
+    for r in roots:
+        keep.update(id(n.layer) for n in flow.ancestors(r))
+    feeding: set[int] = set()
+    for n in flow.nodes:
+        if id(n.layer) in aux_ids:
+            feeding.update(id(a.layer) for a in flow.ancestors(n))
+    drop = {id(n.layer) for n in flow.nodes
+            if id(n.layer) in feeding and id(n.layer) not in keep and not is_data(n.layer)
+            and n.layer.type != "Input"}
+    return drop, aux
+
+
 def to_deploy(
     net: Net,
     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | str | None = None,
+    *,
+    keep_aux: bool = False,
 ) -> tuple[Net, Report]:
     """The inference (deploy) definition of a train_val net.
 
@@ -95,16 +139,24 @@ def to_deploy(
        ``Softmax`` (``SigmoidCrossEntropyLoss`` a ``Sigmoid``) on its first bottom, keeping
        ``softmax_param``; its top and name are ``prob`` for a single head, else
        ``<bottom>/prob`` (e.g. ``loss1/classifier/prob``).
-    5. Any other layer reading a dropped blob (a label) is dropped too, and reported.
-    6. Learnable layers keep their weights (the same arrays) and param specs.
-    7. The result passes :func:`surgery.check.check`.
+    5. Auxiliary heads are dropped with the branches that only feed them (unless
+       ``keep_aux``): a loss whose ``loss_weight`` is below the largest among the heads
+       (GoogLeNet's ``loss1``/``loss2`` at 0.3 against ``loss3`` at 1) is a training aid, and
+       every layer that feeds only such losses and Accuracy layers goes with it (GoogLeNet's
+       ``loss1/ave_pool`` ... ``loss1/classifier``), reported. What the main head and any
+       non-loss output need is kept. The result then has one Softmax ``prob``, as the
+       published ``deploy.prototxt``.
+    6. Any other layer reading a dropped blob (a label) is dropped too, and reported.
+    7. Learnable layers keep their weights (the same arrays) and param specs.
+    8. The result passes :func:`surgery.check.check`.
 
     Args:
         net: a train_val (or any) net; not modified.
         input_shape: N,C,H,W as a sequence or "N,C,H,W" string, or ``{data top: shape}``.
+        keep_aux: keep auxiliary heads (rule 5), each with its own Softmax.
 
     Returns:
-        ``(deploy net, report)``.
+        ``(deploy net, report)``; ``report.data["aux_dropped"]`` lists the dropped heads.
 
     Raises:
         SurgeryError: no input shape can be determined, or a bad ``input_shape``.
@@ -155,8 +207,21 @@ def to_deploy(
     dead: set[str] = set()
     losses = [lay for lay in test.layers if is_loss(lay)]
     heads = [lay for lay in losses if lay.type in _LOSS_TO_PROB and lay.bottoms]
+    aux_drop, aux = (set(), []) if keep_aux else _aux_layers(flow, heads)
+    if aux:  # rule 5
+        aux_names = [lay.name for lay in test.layers if id(lay) in aux_drop]
+        report.change(None, f"dropped {len(aux)} auxiliary head(s) "
+                      f"({', '.join(h.name for h in aux)}: loss_weight "
+                      f"{', '.join(f'{_loss_weight(h):g}' for h in aux)}) and the "
+                      f"{len(aux_names)} layer(s) that only feed them: {', '.join(aux_names)}; "
+                      "--keep-aux keeps them", layers=aux_names)
+        heads = [h for h in heads if not any(h is a for a in aux)]
+    report.data["aux_dropped"] = [h.name for h in aux]
     body: list[Layer] = []
     for lay in test.layers:
+        if id(lay) in aux_drop:
+            dead.update(t for t in lay.tops if t not in lay.bottoms)
+            continue
         if is_data(lay):  # rules 2-3
             if not lay.tops:
                 continue
@@ -211,7 +276,7 @@ def to_deploy(
             body.append(prob)
             report.change(lay.name, f"{lay.type} -> {prob.type} {name!r} on {bottom!r}")
             continue
-        if any(b in dead for b in lay.bottoms):  # rule 5
+        if any(b in dead for b in lay.bottoms):  # rule 6
             dead.update(t for t in lay.tops if t not in lay.bottoms)
             report.change(
                 lay.name,
@@ -231,7 +296,7 @@ def to_deploy(
     report.data["inputs"] = {top: dims["dim"] for lay in inputs
                              for top, dims in zip(lay.tops, lay.attrs["shape"], strict=True)}
     report.data["outputs"] = [v.name for v in C.flows(out).get("TEST", flow).outputs]
-    return C.finish(out, report)  # rules 6-7
+    return C.finish(out, report)  # rules 7-8
 
 
 def fc_to_conv(
