@@ -366,7 +366,7 @@ def test_model_py_equals_graph_module(tmp_path: Path, name: str) -> None:
     net, inputs, meta, _ = _golden(name)
     shapes = {k: v.shape for k, v in inputs.items()}
     out = save_torch(net, tmp_path / "m", input_shapes=shapes)
-    assert sorted(p.name for p in out.iterdir()) == ["caffe_names.json", "model.py",
+    assert sorted(p.name for p in out.iterdir()) == ["caffe_names.json", "model.py", "net.prototxt",
                                                       "weights.safetensors"]
     mod = import_generated(out / "model.py", f"gen_{name}")
     model = mod.CaffeNet()

@@ -80,6 +80,33 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_torch(args: argparse.Namespace) -> int:
+    """``surgery import-torch``: trained PyTorch weights back into a caffemodel."""
+    from ..caffe_io import load
+    from ..export.caffemodel import read_torch_dir, to_caffemodel
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise CliError(f"{args.folder}: no such folder (give the folder `surgery export torch` "
+                       "wrote)")
+    ensure_output([args.state_dict, args.net, args.weights,
+                   folder / "weights.safetensors"], args.output)
+    net, state, names = read_torch_dir(folder, args.state_dict, args.net)
+    if args.weights is not None:  # the layers the export left out keep these weights
+        net = load(args.net or folder / "net.prototxt", args.weights)
+    if args.bn_factor is not None and not args.bn_factor > 0:
+        raise CliError(f"--bn-factor must be positive; got {args.bn_factor}")
+    report = to_caffemodel(state, net, args.output, caffe_names=names,
+                           bn_factor=args.bn_factor)
+    rep = {**report.as_dict(), "output": args.output}
+    c = report.data["counts"]
+    lines = [report.text(),
+             f"wrote {args.output}: {c['written']} layer(s) from torch, {c['kept']} kept from "
+             f"the net's weights, {c['left_out']} left out"]
+    emit(rep, "\n".join(lines), args.json)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """``surgery verify``: 0 when every blob is within the tolerance, else 1."""
     from ..caffe_io import load
@@ -199,6 +226,24 @@ def register(sub: Any) -> None:
     add_input_shape_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_torch)
+
+    p = sub.add_parser(
+        "import-torch", help="trained PyTorch weights (an `export torch` folder) to a caffemodel")
+    p.add_argument("folder", metavar="TORCH_DIR",
+                   help="the folder `surgery export torch` wrote (caffe_names.json, net.prototxt)")
+    p.add_argument("--state-dict", metavar="FILE",
+                   help="the trained weights: .safetensors, or a torch file read with "
+                   "torch.load(weights_only=True) (default TORCH_DIR/weights.safetensors)")
+    p.add_argument("--net", metavar="NET.prototxt",
+                   help="the definition exported (default TORCH_DIR/net.prototxt)")
+    p.add_argument("--weights", metavar="W.caffemodel",
+                   help="weights for the layers the torch model does not hold (kept as they "
+                   "are), and BatchNorm's factors")
+    p.add_argument("--bn-factor", type=float, default=None,
+                   help="BatchNorm blob 2 to write (default: the net's factor, else 1)")
+    p.add_argument("-o", "--output", required=True, help="W.caffemodel")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_import_torch)
 
     p = sub.add_parser(
         "extract", help="features: blobs of every sample of an input, to one .npz",

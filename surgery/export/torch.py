@@ -424,6 +424,8 @@ def _batch_norm(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.
     how = "divided by blob 2"
     ctx.set_buffer(node, name, "running_mean", 0, torch.from_numpy(mean.copy()), how)
     ctx.set_buffer(node, name, "running_var", 1, torch.from_numpy(var.copy()), how)
+    for buf in ("running_mean", "running_var"):  # for the way back (export.caffemodel)
+        ctx.caffe_names[f"{name}.{buf}"]["factor"] = f.factor
     return [ctx.call_module(name, [xs[0]])]
 
 
@@ -1206,13 +1208,14 @@ def _strip_docstring(src: str) -> str:
 
 #: The files an export writes; a folder holding only these (and Python's ``__pycache__``) is a
 #: previous export that a new one may replace.
-EXPORT_FILES = ("model.py", "weights.safetensors", "caffe_names.json")
+EXPORT_FILES = ("model.py", "weights.safetensors", "caffe_names.json", "net.prototxt")
 
 
 def previous_export(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` holds nothing but a previous :func:`save_torch` export.
 
-    That is: ``model.py`` and ``caffe_names.json``, optionally ``weights.safetensors``, and a
+    That is: ``model.py`` and ``caffe_names.json``, optionally ``weights.safetensors`` and
+    ``net.prototxt``, and a
     ``__pycache__`` folder holding only ``model.*.pyc`` (left by importing ``model.py``).
     """
     try:
@@ -1302,7 +1305,8 @@ def save_torch(
     outputs: Sequence[str] | None = None,
     inputs: Sequence[str | os.PathLike[str] | None] = (),
 ) -> Path:
-    """Write ``model.py``, ``weights.safetensors`` and ``caffe_names.json`` into ``out_dir``.
+    """Write ``model.py``, ``weights.safetensors``, ``caffe_names.json`` and ``net.prototxt``
+    (the definition exported, for ``surgery import-torch``) into ``out_dir``.
 
     Everything is written into a temporary folder beside ``out_dir`` and renamed into place
     (:mod:`surgery._atomic`), so a failure or a signal leaves no partial output. An existing
@@ -1334,6 +1338,7 @@ def save_torch(
     from safetensors.torch import save_model
 
     from .. import _atomic
+    from ..caffe_io import net_to_text
 
     sources = [*inputs, net.source, net.weights_source]
     out = check_export_folder(out_dir, sources, overwrite=overwrite)
@@ -1357,6 +1362,7 @@ def save_torch(
         tmp = tx.folder(out, replace=True)  # checked above: empty or a previous export
         try:
             (tmp / "model.py").write_text(src, encoding="utf-8")
+            (tmp / "net.prototxt").write_text(net_to_text(net), encoding="utf-8")
             save_model(gm, str(tmp / "weights.safetensors"))
             (tmp / "caffe_names.json").write_text(
                 json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
