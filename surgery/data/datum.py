@@ -52,8 +52,8 @@ def decode_datum(raw: bytes, *, force_color: bool = False, force_gray: bool = Fa
                             f"({len(datum.data)} bytes); the record is damaged or not an image")
         if img.dtype != np.uint8:
             raise DataError(f"{item}: decoded image is {img.dtype}; Caffe needs 8-bit images")
-        chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
-        return np.ascontiguousarray(chw), int(datum.label)
+        # a (C, H, W) view: the transform copies the pixels once, cropped
+        return (img[None] if img.ndim == 2 else img.transpose(2, 0, 1)), int(datum.label)
     c, h, w = datum.channels, datum.height, datum.width
     if c <= 0 or h <= 0 or w <= 0:
         raise DataError(f"{item}: Datum has channels x height x width = {c}x{h}x{w}; "

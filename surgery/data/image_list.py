@@ -118,8 +118,8 @@ class ImageListSource(Source):
             raise DataError(f"{self.where}{self.describe(index)}: {what}")
         if self.new_height > 0:
             img = cv2.resize(img, (self.new_width, self.new_height))
-        chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
-        return np.ascontiguousarray(chw), np.float32(self.entries[index][1])
+        chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)  # a view, copied once
+        return chw, np.float32(self.entries[index][1])
 
     def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
         return np.random.default_rng([seed, 3, epoch]).permutation(len(self))

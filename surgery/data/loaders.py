@@ -96,7 +96,15 @@ def collate(items: list[Any]) -> tuple[torch.Tensor, ...] | _Failure:
             return _Failure(DataError(
                 f"samples of one batch differ in shape ({', '.join(map(str, shapes))}); Caffe "
                 "needs equal shapes: set crop_size, or new_height/new_width for ImageData"))
-        out.append(torch.from_numpy(np.stack(arrays)))
+        shape = (len(arrays), *shapes[0])
+        if torch.utils.data.get_worker_info() is not None:
+            # straight into shared memory, as torch's default_collate: saves the copy the
+            # DataLoader would make to send the batch to the main process
+            t = torch.empty(shape, dtype=torch.float32).share_memory_()
+        else:
+            t = torch.empty(shape, dtype=torch.float32)
+        np.stack(arrays, out=t.numpy())
+        out.append(t)
     return tuple(out)
 
 

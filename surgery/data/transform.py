@@ -168,23 +168,34 @@ class Transformer:
         return self.apply(image, mirror, h_off, w_off)
 
     def apply(self, image: np.ndarray, mirror: bool, h_off: int, w_off: int) -> np.ndarray:
-        """The transform with the random choices given (no checks)."""
+        """The transform with the random choices given (no checks).
+
+        Crop and mirror are one strided view, so the pixels are copied once, into the float32
+        result (a mirrored window minus the same mirrored window of the mean is the mirror of
+        Caffe's difference: the same numbers in the same places).
+        """
         crop = self.param.crop_size
+        _, h, w = image.shape
+        rows = slice(h_off, h_off + crop) if crop else slice(None)
         if crop:
-            window = (slice(None), slice(h_off, h_off + crop), slice(w_off, w_off + crop))
+            cols = slice(w_off, w_off + crop)
+            if mirror:
+                cols = slice(w_off + crop - 1, w_off - 1 if w_off else None, -1)
         else:
-            window = (slice(None), slice(None), slice(None))
-        x = image[window].astype(np.float32)
+            cols = slice(None, None, -1) if mirror else slice(None)
+        view = image[:, rows, cols]
+        x = np.empty(view.shape, np.float32)
         if self.mean is not None:
-            x -= self.mean[window]
+            np.subtract(view, self.mean[:, rows, cols], out=x)  # float32(pixel) - mean
         elif len(self._mean_values):
             mv = self._mean_values
-            x -= (mv if len(mv) == x.shape[0] else np.repeat(mv[:1], x.shape[0]))[:, None, None]
+            mv = mv if len(mv) == x.shape[0] else np.repeat(mv[:1], x.shape[0])
+            np.subtract(view, mv[:, None, None], out=x)
+        else:
+            np.copyto(x, view, casting="unsafe")
         if self.scale != 1:
-            x *= self.scale
-        if mirror:
-            x = x[:, :, ::-1]
-        return np.ascontiguousarray(x)
+            np.multiply(x, self.scale, out=x)
+        return x
 
     def undo(self, top: np.ndarray) -> np.ndarray:
         """Approximately the pixels a (C, H, W) top came from: scale and mean undone (centre-
