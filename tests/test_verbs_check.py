@@ -60,11 +60,12 @@ def _argv(verb: str, case: dict) -> list[str] | None:
         "fc-to-conv": [] if "squeeze" not in str(case["net"]) else None,
         "insert-eltwise": ["--bottoms", *case["bottoms"]],
         "insert-gate": ["--at", case["at"]],
+        "cut": ["--at", case["at"]],
     }[verb]
 
 
 VERBS = ["rename-heads", "freeze", "unfreeze", "lr", "deploy", "fc-to-conv", "insert-eltwise",
-         "insert-gate"]
+         "insert-gate", "cut"]
 
 
 def assert_passes_check(proto: Path, weights: Path | None = None) -> None:
@@ -96,3 +97,12 @@ def test_every_verb_writes_a_net_that_passes_check(name, verb, tmp_path, capsys)
     capsys.readouterr()
     assert rc == 0
     assert_passes_check(out)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_init_writes_weights_that_pass_check(name, tmp_path, capsys):
+    case = NETS[name]
+    out = tmp_path / "w.caffemodel"
+    assert main(["init", str(case["net"]), "-o", str(out), "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert_passes_check(case["net"], out)

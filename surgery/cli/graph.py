@@ -66,6 +66,14 @@ def cmd_insert_gate(args: argparse.Namespace) -> int:
     return _save(args, new, report)
 
 
+def cmd_cut(args: argparse.Namespace) -> int:
+    from ..ops.cut import cut
+
+    net = load_for_edit(args, weights_need_output=True)
+    new, report = cut(net, args.at)
+    return _save(args, new, report)
+
+
 def _mapping(items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
@@ -190,6 +198,23 @@ def register(sub: Any) -> None:
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_insert_gate)
+
+    p = sub.add_parser(
+        "cut",
+        help="truncate a net after a value: keep only the layers it depends on",
+        description="Keep the layers BLOB depends on and drop the rest (later layers, side "
+        "branches, losses): a feature extractor ending at pool5. BLOB is named as for "
+        "insert-eltwise: LAYER (its own output, before an in-place layer), LAYER:i, or a blob.",
+    )
+    p.add_argument("net", help="NET.prototxt")
+    p.add_argument("--at", required=True, metavar="BLOB", help="LAYER, LAYER:i or a blob name")
+    p.add_argument("-o", "--output", required=True, help="OUT.prototxt")
+    p.add_argument("--weights", help="IN.caffemodel")
+    p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights): the kept layers' blobs")
+    add_fill_missing(p, seed=True)
+    p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_cut)
 
     p = sub.add_parser(
         "transplant",

@@ -7,8 +7,10 @@ The functions are imported here (none of the op modules imports torch or onnx), 
 
 from __future__ import annotations
 
+from .cut import cut
 from .deploy import fc_to_conv, to_deploy
 from .heads import find_heads, rename_heads
+from .init import init_weights
 from .insert import insert_eltwise, insert_gate
 from .lr import freeze, set_lr, unfreeze
 from .recipe import apply_recipe, load_recipe
@@ -24,6 +26,8 @@ __all__ = [
     "set_lr",
     "insert_eltwise",
     "insert_gate",
+    "cut",
+    "init_weights",
     "transplant",
     "transplant_file",
     "to_deploy",

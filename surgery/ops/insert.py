@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from ..dataflow import Dataflow, Node, Value, resolve
-from ..errors import LayerNotFoundError, NetError, ShapeMismatchError, did_you_mean
+from ..errors import NetError, ShapeMismatchError
 from ..net import Layer, Net, NetState, Rule, freeze_array
 from . import rewire
 from ._common import customary_mults, finish, flows, infer_shapes, make_rng, unique_name
 from .report import Report
+from .values import resolve_value as _resolve_edge
 
 __all__ = ["insert_eltwise", "insert_gate", "OPERATIONS", "IDENTITY_SIGMOID_BIAS"]
 
@@ -35,40 +36,6 @@ OPERATIONS_REV = {v: k for k, v in OPERATIONS.items()}
 IDENTITY_SIGMOID_BIAS = 40.0
 assert np.float32(1) / (np.float32(1) + np.exp(np.float32(-IDENTITY_SIGMOID_BIAS))) == 1.0
 assert np.float32(0.5) * np.tanh(np.float32(IDENTITY_SIGMOID_BIAS / 2)) + np.float32(0.5) == 1.0
-
-
-# -- naming values ----------------------------------------------------------------------------
-def _split_spec(net: Net, spec: str) -> tuple[str | None, int, str]:
-    """(layer name or None, top index, blob name) for a bottom spec (module rules 1-3)."""
-    if net.layers_named(spec):
-        return spec, 0, spec
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail.isdigit() and net.layers_named(head):
-        return head, int(tail), spec
-    if any(spec in lay.tops for lay in net.layers):
-        return None, 0, spec
-    names = [lay.name for lay in net.layers] + [t for lay in net.layers for t in lay.tops]
-    where = f" in {net.source}" if net.source else ""
-    raise LayerNotFoundError(
-        f"no layer or blob named {spec!r}{where}" + did_you_mean(spec, dict.fromkeys(names))
-    )
-
-
-def _resolve_edge(flow: Dataflow, net: Net, spec: str) -> Value | None:
-    """The value ``spec`` names in ``flow`` (None when it is not in this phase)."""
-    layer, top, blob = _split_spec(net, spec)
-    if layer is None:
-        return flow._latest.get(blob)
-    nodes = [n for n in flow.nodes if n.layer.name == layer]
-    if not nodes:
-        return None
-    node = nodes[-1]
-    if top >= len(node.outputs):
-        raise NetError(
-            f"layer {layer!r} has {len(node.outputs)} top(s); {spec!r} asks for top {top}. "
-            f"Use {layer}:0 .. {layer}:{len(node.outputs) - 1}"
-        )
-    return node.outputs[top]
 
 
 def _describe(flow: Dataflow, value: Value) -> str:
