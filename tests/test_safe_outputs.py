@@ -167,3 +167,108 @@ def test_export_onnx_external_pair_is_written_as_a_set(
     save_onnx(net, out, external_threshold=1024)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert not any(_atomic.TEMP_MARK in p.name for p in tmp_path.iterdir())
+
+
+# -- item 3: recipes --------------------------------------------------------------------------
+@pytest.fixture
+def recipe_dir(tmp_path: Path, lenet: tuple[Path, Path]) -> Path:
+    folder = tmp_path / "r"
+    folder.mkdir()
+    for p in lenet:
+        shutil.move(p, folder / p.name)
+    return folder
+
+
+def _recipe(folder: Path, body: str) -> Path:
+    p = folder / "recipe.toml"
+    p.write_text('net = "net.prototxt"\nweights = "weights.caffemodel"\n' + body
+                 + '\n[[step]]\nop = "rename-heads"\nnum_output = 3\nlayer = ["ip2"]\n')
+    return p
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('output = "recipe.toml"', ["is the recipe itself"]),
+    ('output = "net.prototxt"', ["would overwrite the net", "--in-place"]),
+    ('out_weights = "weights.caffemodel"\noutput = "o.prototxt"',
+     ["would overwrite the weights", "--in-place"]),
+    ('output = "o.prototxt"\nout_weights = "src.caffemodel"\n[[step]]\nop = "transplant"\n'
+     'from = "src.caffemodel"', ["would overwrite step 1 (transplant) from", "--in-place"]),
+    ('output = "../outside.txt"', ["existing file outside the recipe's folder", "--force"]),
+    ('output = 5', ["recipe: output must be a file path in quotes (a string); got int 5"]),
+    ('net = ["a", "b"]', ["recipe: net must be a file path"]),
+    ('output = "o.prototxt"\n[[step]]\nop = "transplant"\nfrom = 7',
+     ["step 1 (transplant) from must be a file path"]),
+    ('output = "o.prototxt"\nx = ' + "[" * 400 + "]" * 400, ["nested too deeply"]),
+    ('output = "o.prototxt"\nx = ' + "[" * 5 + "]" * 5 + '\n', ["unknown key(s) 'x'"]),
+    ('output = "o.prototxt"\nseed = ' + "[" * 20 + "]" * 20, ["nested too deeply"]),
+])
+def test_recipe_outputs_and_types_are_checked(
+    recipe_dir: Path, capsys: pytest.CaptureFixture[str], body: str, words: list[str]
+) -> None:
+    if body.startswith("net = "):
+        p = recipe_dir / "recipe.toml"
+        p.write_text(body + '\noutput = "o.prototxt"\n[[step]]\nop = "freeze"\nuntil = "ip1"\n')
+    else:
+        if "src.caffemodel" in body:
+            shutil.copy(recipe_dir / "weights.caffemodel", recipe_dir / "src.caffemodel")
+        p = _recipe(recipe_dir, body)
+    (recipe_dir.parent / "outside.txt").write_text("keep")
+    before = _snapshot(recipe_dir.parent)
+    assert main(["apply", str(p)]) == 2
+    _one_line_error(capsys, *words)
+    assert _snapshot(recipe_dir.parent) == before
+
+
+def test_recipe_in_place_and_force_allow_it(
+    recipe_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (recipe_dir.parent / "outside.prototxt").write_text("old")
+    # a new file outside the folder, or one given on the command line, needs no option
+    p = _recipe(recipe_dir, 'output = "../new.prototxt"')
+    assert main(["apply", str(p), "--no-weights"]) == 0
+    assert main(["apply", str(p), "--no-weights", "-o",
+                 str(recipe_dir.parent / "outside.prototxt")]) == 0
+    assert "ip2_ft" in (recipe_dir.parent / "outside.prototxt").read_text()
+    (recipe_dir.parent / "outside.prototxt").write_text("old")
+    p = _recipe(recipe_dir, 'output = "../outside.prototxt"')
+    assert main(["apply", str(p), "--force"]) == 0
+    assert "ip2_ft" in (recipe_dir.parent / "outside.prototxt").read_text()
+    p = _recipe(recipe_dir, 'output = "net.prototxt"')
+    assert main(["apply", str(p), "--in-place"]) == 0
+    assert "ip2_ft" in (recipe_dir / "net.prototxt").read_text()
+
+
+def test_recipe_report_shows_resolved_paths(
+    recipe_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    p = _recipe(recipe_dir, 'output = "o.prototxt"\nout_weights = "o.caffemodel"')
+    monkeypatch.chdir(recipe_dir.parent)
+    assert main(["apply", "r/recipe.toml", "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert files["net"] == str(recipe_dir / "net.prototxt")
+    assert files["weights"] == str(recipe_dir / "weights.caffemodel")
+    assert files["output"] == str(recipe_dir / "o.prototxt")
+    assert files["out_weights"] == str(recipe_dir / "o.caffemodel")
+    assert main(["apply", "r/recipe.toml"]) == 0
+    text = capsys.readouterr().out
+    assert f"read {recipe_dir / 'net.prototxt'}" in text
+    assert f"wrote {recipe_dir / 'o.prototxt'} and {recipe_dir / 'o.caffemodel'}" in text
+    assert p.is_file()
+
+
+def test_apply_recipe_library_checks_too(recipe_dir: Path) -> None:
+    from surgery.errors import SurgeryError
+    from surgery.ops import apply_recipe
+
+    p = _recipe(recipe_dir, 'output = "o.prototxt"\nout_weights = "weights.caffemodel"')
+    before = _snapshot(recipe_dir)
+    with pytest.raises(SurgeryError, match="would overwrite the weights"):
+        apply_recipe(p)
+    assert _snapshot(recipe_dir) == before
+    net, rep = apply_recipe(p, in_place=True)
+    assert rep.data["files"]["out_weights"] == str(recipe_dir / "weights.caffemodel")
+    with pytest.raises(SurgeryError, match="nested too deeply"):
+        apply_recipe({"step": [{"op": "freeze", "layers": [[[[[[[[["x"]]]]]]]]]}]}, net,
+                     write=False)

@@ -13,7 +13,6 @@ from . import (
     CliError,
     add_fill_missing,
     emit,
-    ensure_distinct,
     ensure_output,
     load_for_edit,
     weights_coverage,
@@ -206,23 +205,24 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
-    from ..caffe_io import save
-    from ..ops.recipe import apply_recipe, load_recipe
+    from ..caffe_io import load, save
+    from ..ops.recipe import apply_recipe, check_outputs, load_recipe, recipe_files, step_reads
 
     recipe = load_recipe(args.recipe)
     base = Path(args.recipe).resolve().parent
+    files = recipe_files(recipe, base)  # the recipe's paths, relative to its folder
+    reads = step_reads(recipe, base)
 
-    def where(key: str, override: str | None) -> str | None:
-        if override is not None:
-            return override
-        value = recipe.get(key)
-        return None if not value else str(base / value)
+    def given(value: str | None) -> str | None:  # command-line paths: relative to the cwd
+        return None if value is None else os.path.abspath(value)
 
-    output, out_weights = where("output", args.output), where("out_weights", args.out_weights)
-    net_path = args.net or where("net", None)
-    weights = args.weights or where("weights", None)
+    output = given(args.output) or files["output"]
+    out_weights = given(args.out_weights) or files["out_weights"]
+    net_path = given(args.net) or files["net"]
+    weights = given(args.weights) or files["weights"]
     if args.no_weights:
         if args.weights or args.out_weights:
             raise CliError("apply: --no-weights contradicts --weights/--out-weights")
@@ -231,16 +231,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise CliError(
             'apply: nothing to write; set output = "..." in the recipe or give -o (or --dry-run)'
         )
+    if net_path is None:
+        raise CliError("apply: the recipe names no net; give --net NET.prototxt")
+    from_recipe = [k for k, v in (("output", args.output), ("out_weights", args.out_weights))
+                   if v is None]
+    check_outputs({"output": output, "out_weights": out_weights},
+                  [("the net", net_path), ("the weights", weights), *reads],
+                  recipe_path=args.recipe, base=base, from_recipe=from_recipe,
+                  in_place=args.in_place, force=args.force)
     for dst, what in ((output, "output"), (out_weights, "out_weights")):
-        ensure_output([net_path, weights, args.recipe], dst, args.in_place, what)
-    ensure_distinct(output, out_weights, "apply: output and out_weights")
-    net = None
-    if args.net is not None or args.weights is not None or args.no_weights:
-        from ..caffe_io import load
-
-        if net_path is None:
-            raise CliError("apply: the recipe names no net; give --net NET.prototxt")
-        net = load(net_path, weights)
+        if dst is not None and not Path(dst).parent.is_dir():
+            raise CliError(f"apply: {what} {dst}: folder {Path(dst).parent} does not exist")
+    net = load(net_path, weights)
     new, report = apply_recipe(recipe, net, base_dir=base, write=False, seed=args.seed)
     if not args.dry_run:
         if out_weights is not None and not new.has_weights:
@@ -251,10 +253,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         save(new, output, out_weights)
     data = report.as_dict()
     data["output"], data["out_weights"] = output, out_weights
+    data["files"] = {"recipe": str(Path(args.recipe).resolve()), "net": net_path,
+                     "weights": weights, "reads": [p for _, p in reads],
+                     "output": output, "out_weights": out_weights}
     written = [p for p in (output, out_weights) if p]
-    text = report.text() + (
-        "\ndry run: nothing written" if args.dry_run else "\nwrote " + " and ".join(written)
-    )
+    text = (report.text() + f"\nread {net_path}" + (f" and {weights}" if weights else "")
+            + "".join(f"\nread {p} ({what})" for what, p in reads))
+    text += "\ndry run: nothing written" if args.dry_run else "\nwrote " + " and ".join(written)
     emit(data, text, args.json)
     return 0
 
@@ -355,6 +360,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
     p.add_argument("--dry-run", action="store_true", help="run the steps, write nothing")
-    p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
+    p.add_argument("--in-place", action="store_true",
+                   help="allow an output to overwrite a file the recipe reads")
+    p.add_argument("--force", action="store_true",
+                   help="allow the recipe's outputs to replace files outside its folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_apply)
