@@ -86,13 +86,13 @@ def test_export_torch_replaces_a_previous_export_as_a_whole(
     out = tmp_path / "out"
     assert main(["export", "torch", str(net), "--weights", str(weights), "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "caffe_names.json", "model.py", "weights.safetensors"]
+        "caffe_names.json", "model.py", "net.prototxt", "weights.safetensors"]
     (out / "__pycache__").mkdir()  # importing model.py leaves this
     (out / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
     (out / "weights.safetensors").write_bytes(b"stale")
     assert main(["export", "torch", str(net), "--weights", str(weights), "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "caffe_names.json", "model.py", "weights.safetensors"]
+        "caffe_names.json", "model.py", "net.prototxt", "weights.safetensors"]
     assert (out / "weights.safetensors").read_bytes() != b"stale"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "net.prototxt", "out", "weights.caffemodel"]
