@@ -197,3 +197,47 @@ def test_freeze_bn_keeps_the_stored_statistics_under_train(tmp_path: Path) -> No
     assert model.get_submodule("conv2_bn").use_global_stats is None
     with pytest.raises(LayerNotFoundError, match="no BatchNorm layer"):
         freeze_bn(model, "conv1/scale")
+
+
+def test_freeze_bn_stats_writes_use_global_stats(tmp_path: Path) -> None:
+    """``freeze --bn-stats``: the frozen part's BatchNorm layers get ``use_global_stats:
+    true`` (Caffe: the stored statistics in TRAIN too); the export pins them, so the module
+    does not update them under ``train()``; ``unfreeze --bn-stats`` removes it."""
+    from surgery.cli import main
+
+    net = _bn_net(tmp_path)
+    frozen, report = ops.freeze(net, until="conv1/scale", bn_stats=True)
+    assert frozen.layer("conv1/bn").attrs["use_global_stats"] is True
+    assert "use_global_stats" not in frozen.layer("conv2/bn").attrs  # not in the selection
+    assert "use_global_stats" not in net.layer("conv1/bn").attrs  # input untouched
+    assert any(c["layer"] == "conv1/bn" and "use_global_stats" in c["what"]
+               for c in report.changed)
+    text = surgery.caffe_io.net_to_text(frozen)
+    assert text.count("use_global_stats: true") == 1
+    without, rep0 = ops.freeze(net, until="conv1/scale")  # default: as before
+    assert "use_global_stats" not in without.layer("conv1/bn").attrs
+    assert any(e["layer"] == "conv1/bn" for e in rep0.left)
+
+    model = to_torch(frozen, "train", missing="fill", seed=1)
+    assert model.get_submodule("conv1_bn").use_global_stats is True
+    assert model.get_submodule("conv2_bn").use_global_stats is None
+    x = torch.randn(8, 2, 6, 6)
+    means = {n: model.get_buffer(f"{n}.running_mean").clone() for n in ("conv1_bn", "conv2_bn")}
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(model.get_buffer("conv1_bn.running_mean"), means["conv1_bn"])  # fixed
+    assert not torch.equal(model.get_buffer("conv2_bn.running_mean"), means["conv2_bn"])
+
+    back, rep = ops.unfreeze(frozen, until="conv1/scale", bn_stats=True)
+    assert "use_global_stats" not in back.layer("conv1/bn").attrs
+    assert any("removed" in c["what"] for c in rep.changed)
+
+    src = tmp_path / "bn_w.prototxt"
+    surgery.save(net, src)
+    out = tmp_path / "frozen.prototxt"
+    assert main(["freeze", str(src), "--until", "conv1/scale", "--bn-stats", "-o", str(out)]) == 0
+    assert surgery.load(out).layer("conv1/bn").attrs["use_global_stats"] is True
+    out2 = tmp_path / "unfrozen.prototxt"
+    assert main(["unfreeze", str(out), "--layers", "conv1*", "--bn-stats", "-o", str(out2)]) == 0
+    assert "use_global_stats" not in surgery.load(out2).layer("conv1/bn").attrs

@@ -136,7 +136,8 @@ def _freeze_like(args: argparse.Namespace, which: str) -> int:
     net = load_for_edit(args)
     fn = lr_ops.freeze if which == "freeze" else lr_ops.unfreeze
     new, report = fn(
-        net, until=args.until, layers=_split_globs(args.layers), except_=_split_globs(args.except_)
+        net, until=args.until, layers=_split_globs(args.layers), except_=_split_globs(args.except_),
+        bn_stats=args.bn_stats,
     )
     return _finish(args, new, report)
 
@@ -292,6 +293,12 @@ def register(sub: Any) -> None:
         p.add_argument("--layers", nargs="+", metavar="GLOB", help="layer names or globs")
         p.add_argument(
             "--except", dest="except_", nargs="+", metavar="GLOB", help="layers to leave alone"
+        )
+        p.add_argument(
+            "--bn-stats", action="store_true",
+            help=("also write use_global_stats: true on the selected BatchNorm layers (their "
+                  "stored statistics, not the batch's, in TRAIN)" if verb == "freeze" else
+                  "also remove use_global_stats from the selected BatchNorm layers"),
         )
         p.set_defaults(func=fn)
 

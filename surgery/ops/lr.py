@@ -116,8 +116,12 @@ def _apply(
     decay: tuple[float, ...] | None,
     *,
     only_frozen: bool = False,
+    bn_stats: bool | None = None,
 ) -> None:
-    """Set multipliers on ``names`` (their learnable blobs), keep shared params consistent."""
+    """Set multipliers on ``names`` (their learnable blobs), keep shared params consistent.
+
+    ``bn_stats``: True writes ``use_global_stats: true`` on the BatchNorm layers among
+    ``names``, False removes it (Caffe's default), None leaves them (reported)."""
     shared: dict[str, tuple[float | None, float | None]] = {}
     touched = 0
     for name in names:
@@ -126,7 +130,7 @@ def _apply(
         if n == 0:
             continue
         if twins[0].type == "BatchNorm":
-            report.leave(name, "BatchNorm: Caffe requires lr_mult 0 on its statistics; left as is")
+            _bn_stats(twins, report, bn_stats)
             continue
         first = twins[0]
         before = _fmt(first, n)
@@ -167,6 +171,29 @@ def _apply(
     report.data["layers_selected"] = touched
 
 
+def _bn_stats(twins: list[Layer], report: Report, bn_stats: bool | None) -> None:
+    """Rule 4 of :func:`freeze` / rule 3 of :func:`unfreeze` for one BatchNorm layer."""
+    name = twins[0].name
+    if bn_stats is None:
+        report.leave(name, "BatchNorm: Caffe requires lr_mult 0 on its statistics; left as is")
+        return
+    before = [lay.attrs.get("use_global_stats") for lay in twins]
+    for lay in twins:
+        if bn_stats:
+            lay.attrs["use_global_stats"] = True
+        else:
+            lay.attrs.pop("use_global_stats", None)
+    if bn_stats and before != [True] * len(twins):
+        report.change(name, "use_global_stats: true (the stored statistics in TRAIN too, not "
+                            "updated)")
+    elif not bn_stats and any(b is not None for b in before):
+        report.change(name, "use_global_stats removed (Caffe's default: the batch's "
+                            "statistics in TRAIN, the stored ones in TEST)")
+    else:
+        report.leave(name, "BatchNorm: already " + ("use_global_stats: true" if bn_stats
+                                                   else "without use_global_stats"))
+
+
 def _blob(lay: Layer, i: int) -> Param:
     return lay.params[i] if i < len(lay.params) else Param()
 
@@ -188,6 +215,7 @@ def freeze(
     until: Iterable[str] | str | None = None,
     layers: Iterable[str] | str | None = None,
     except_: Iterable[str] | str | None = None,
+    bn_stats: bool = False,
 ) -> tuple[Net, Report]:
     """Stop learning in part of a net: lr_mult 0 and decay_mult 0 on every learnable blob.
 
@@ -201,7 +229,11 @@ def freeze(
     3. Every learnable blob of a selected layer gets ``lr_mult: 0 decay_mult: 0``; ``param``
        entries are added as needed, one per blob (a Convolution with ``bias_term: false`` has
        one).
-    4. BatchNorm is skipped and reported: Caffe requires lr_mult 0 on its statistics already.
+    4. BatchNorm's multipliers are left (Caffe requires lr_mult 0 on its statistics already),
+       reported. Caffe still normalises with each *batch's* statistics in TRAIN and updates
+       the stored ones, frozen or not, unless the layer says ``use_global_stats: true``;
+       ``bn_stats=True`` writes that on the selected BatchNorm layers, so a frozen trunk keeps
+       its statistics (they are then used in TRAIN too, and never updated).
     5. A shared param (``param { name }``) gets the same multipliers in every layer sharing
        it (reported).
     6. ``report.data["multipliers"]`` lists every learnable layer's resulting multipliers.
@@ -211,6 +243,7 @@ def freeze(
         until: the last layer to freeze, with everything it depends on.
         layers: names or globs of layers to freeze.
         except_: names or globs to keep trainable.
+        bn_stats: also fix the selected BatchNorm layers' statistics (rule 4).
 
     Returns:
         ``(new net, report)``.
@@ -224,7 +257,7 @@ def freeze(
     out = net.copy()
     names, how = _select(out, until, layers, except_, "freeze")
     report.note("selected by " + "; ".join(how))
-    _apply(out, names, report, (0.0,), (0.0,))
+    _apply(out, names, report, (0.0,), (0.0,), bn_stats=True if bn_stats else None)
     return _finish(out, report)
 
 
@@ -233,6 +266,7 @@ def unfreeze(
     until: Iterable[str] | str | None = None,
     layers: Iterable[str] | str | None = None,
     except_: Iterable[str] | str | None = None,
+    bn_stats: bool = False,
 ) -> tuple[Net, Report]:
     """Make frozen blobs learn again: the reverse of :func:`freeze`.
 
@@ -242,7 +276,9 @@ def unfreeze(
     2. Every learnable blob with lr_mult 0 gets ``lr_mult: 1 decay_mult: 1`` written
        explicitly (Caffe's defaults); blobs already learning keep their values (so a bias at
        lr_mult 2 stays 2). Use :func:`set_lr` for other values, e.g. the usual bias 2/0.
-    3. BatchNorm is skipped and reported (its lr_mult must stay 0).
+    3. BatchNorm's multipliers are left (they must stay 0), reported; ``bn_stats=True``
+       removes ``use_global_stats`` from the selected BatchNorm layers (the reverse of
+       ``freeze(bn_stats=True)``): Caffe's default, the batch's statistics in TRAIN.
     4. Shared params stay consistent, as in :func:`freeze`.
     5. ``report.data["multipliers"]`` lists every learnable layer's resulting multipliers.
 
@@ -251,6 +287,7 @@ def unfreeze(
         until: the last layer to unfreeze, with everything it depends on.
         layers: names or globs.
         except_: names or globs to leave as they are.
+        bn_stats: also return the selected BatchNorm layers to batch statistics (rule 3).
 
     Returns:
         ``(new net, report)``.
@@ -264,7 +301,8 @@ def unfreeze(
     out = net.copy()
     names, how = _select(out, until, layers, except_, "unfreeze")
     report.note("selected by " + "; ".join(how))
-    _apply(out, names, report, (1.0,), (1.0,), only_frozen=True)
+    _apply(out, names, report, (1.0,), (1.0,), only_frozen=True,
+           bn_stats=False if bn_stats else None)
     return _finish(out, report)
 
 
