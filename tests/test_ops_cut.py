@@ -70,3 +70,15 @@ def test_cut_errors(capsys, tmp_path):
     rc = main(["cut", str(LENET / "net.prototxt"), "--at", "nope", "-o",
                str(tmp_path / "x.prototxt")])
     assert rc == 2 and not (tmp_path / "x.prototxt").exists()
+
+
+def test_cut_and_init_as_recipe_steps():
+    from surgery.ops import apply_recipe
+
+    net = caffe_io.load(LENET / "net.prototxt")
+    recipe = {"step": [{"op": "cut", "at": "relu1"}, {"op": "init"}], "seed": 3}
+    new, rep = apply_recipe(recipe, net, write=False)
+    assert [lay.name for lay in new.layers][-1] == "relu1"
+    assert all(lay.has_weights for lay in new.layers if lay.type in ("Convolution",
+                                                                     "InnerProduct"))
+    assert rep.seed == 3

@@ -228,13 +228,17 @@ def weights_coverage(args: argparse.Namespace, net: Any, report: Any) -> Any:
     shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
     if fill:
         net, drawn = init_weights(net, seed=getattr(args, "seed", None))
+        report.left[:] = [e for e in report.left if e.get("layer") not in missing]
         for c in drawn.changed:
             report.change(c["layer"], "--fill-missing: " + c["what"])
         report.seed = drawn.seed if report.seed is None else report.seed
         report.note(f"--fill-missing: {len(missing)} layer(s) without weights in {weights} "
                     f"drawn from their fillers (seed {drawn.seed}): {shown}")
     else:
+        listed = {e.get("layer") for e in report.left}
         for name in missing:
+            if name in listed:
+                continue
             report.leave(name, f"no weights in {weights}: not written either; Caffe draws it "
                          "from its fillers when it loads the net (--fill-missing writes values)")
         report.note(f"{len(missing)} learnable layer(s) have no weights in {weights}: {shown}; "

@@ -137,7 +137,8 @@ def rename_heads(
        the new layer name, any other top gets the suffix; in-place layers and readers follow.
     7. When the net has weights, each head gets fresh blobs of its new shape drawn from its
        fillers (seeded; the weight filler is never all-zero); every other layer keeps its
-       blob arrays (the same objects).
+       blob arrays (the same objects). Learnable layers that have no weights at all (not in
+       the caffemodel) are listed in ``report.left``.
     8. An ``Accuracy`` layer that reads a renamed head (directly or through layers without
        learnable blobs) with a ``top_k`` above ``num_output`` gets ``top_k = num_output``
        (reported): Caffe refuses a top_k larger than the class count (GoogLeNet's
@@ -305,6 +306,13 @@ def rename_heads(
             len(out.layers_named(new_names[h])) for h in heads
         )
         report.leave(None, f"{kept} other layer(s) keep their weights unchanged")
+        for name in dict.fromkeys(  # issue 7 item 3: never hide layers without weights
+            lay.name for lay in out.layers
+            if C.learnable_count(lay) > 0
+            and not any(t.has_weights for t in out.layers_named(lay.name))
+        ):
+            report.leave(name, "no weights in the input caffemodel: Caffe draws it from its "
+                         "fillers (surgery.ops.init_weights, --fill-missing, writes values)")
     report.data["renamed"] = dict(new_names)
     report.data["num_output"] = num_output
     report.data["heads"] = list(heads)

@@ -49,6 +49,8 @@ OPS: dict[str, str] = {
     "fc-to-conv": "fc_to_conv",
     "insert-eltwise": "insert_eltwise",
     "insert-gate": "insert_gate",
+    "cut": "cut",
+    "init": "init_weights",
     "transplant": "transplant",
 }
 _TOP_KEYS = ("net", "weights", "output", "out_weights", "seed", "step")
