@@ -315,6 +315,32 @@ def test_layer_lookup_errors(tmp_path: Path) -> None:
         sd.dataset(inp, "in", "test")
 
 
+def test_stage_rules_and_a_single_top(tmp_path: Path) -> None:
+    """A solver's test_state (stages) picks the layer; a Data layer with one top gives
+    1-tuples (Caffe's output_labels_ is false)."""
+    from surgery.net import NetState
+
+    lmdb_of(tmp_path, [pixels(i, (1, 2, 2)) for i in range(3)])
+    proto = tmp_path / "net.prototxt"
+    proto.write_text("""layer { name: "data" type: "Data" top: "data"
+  include { phase: TEST stage: "val" }
+  data_param { source: "db" backend: LMDB batch_size: 2 } }""")
+    with pytest.raises(DataError, match="stages"):
+        sd.dataset(proto, "data", "test")
+    ds = sd.dataset(proto, "data", NetState("TEST", stages=("val",)))
+    assert ds.tops == ["data"] and len(ds[1]) == 1
+    batch = next(iter(sd.loader(proto, "data", NetState("TEST", stages=("val",)))))
+    assert len(batch) == 1 and tuple(batch[0].shape) == (2, 1, 2, 2)
+
+
+def test_image_data_rand_skip(tmp_path: Path) -> None:
+    proto = _image_list(tmp_path, 5)
+    proto.write_text(proto.read_text().replace("shuffle: true", "rand_skip: 3"))
+    starts = {next(iter(sd.loader(proto, "data", "test", seed=s)))[1].tolist()[0]
+              for s in range(30)}
+    assert starts == {0, 1, 2}
+
+
 def test_hdf5_missing_dataset(tmp_path: Path) -> None:
     import h5py
 

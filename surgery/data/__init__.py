@@ -18,7 +18,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..net import Net
+    from ..net import Net, NetState
     from .datasets import CaffeDataset
     from .loaders import CaffeLoader
 
@@ -26,7 +26,8 @@ __all__ = ["dataset", "loader", "read_mean", "write_mean", "Transformer", "Trans
 
 
 
-def dataset(net: Net | str | os.PathLike[str], layer_name: str, phase: str = "train", *,
+def dataset(net: Net | str | os.PathLike[str], layer_name: str,
+            phase: str | NetState = "train", *,
             seed: int | None = None) -> CaffeDataset:
     """The samples of a data layer as a ``torch.utils.data.Dataset``.
 
@@ -36,7 +37,8 @@ def dataset(net: Net | str | os.PathLike[str], layer_name: str, phase: str = "tr
     Args:
         net: a loaded :class:`~surgery.net.Net` or the path of its prototxt.
         layer_name: the data layer's name (TRAIN/TEST twins are told apart by ``phase``).
-        phase: ``"train"`` or ``"test"``, any case.
+        phase: ``"train"`` or ``"test"``, any case, or a :class:`~surgery.net.NetState` (a
+            solver's ``test_state`` with stages and level).
         seed: seeds the random crop/mirror of ``ds[i]`` (None: a fresh random seed).
 
     Returns:
@@ -54,7 +56,8 @@ def dataset(net: Net | str | os.PathLike[str], layer_name: str, phase: str = "tr
     return build_dataset(as_net(net), layer_name, phase, seed=seed)
 
 
-def loader(net: Net | str | os.PathLike[str], layer_name: str, phase: str = "train", *,
+def loader(net: Net | str | os.PathLike[str], layer_name: str,
+           phase: str | NetState = "train", *,
            batch_size: int | None = None, workers: int = 0, rank: int = 0,
            world_size: int = 1, seed: int | None = None) -> CaffeLoader:
     """A DataLoader over a data layer, in Caffe's order, endless as Caffe's cursor.
@@ -65,7 +68,7 @@ def loader(net: Net | str | os.PathLike[str], layer_name: str, phase: str = "tra
     Args:
         net: a loaded :class:`~surgery.net.Net` or the path of its prototxt.
         layer_name: the data layer's name.
-        phase: ``"train"`` or ``"test"``, any case.
+        phase: ``"train"`` or ``"test"``, any case, or a :class:`~surgery.net.NetState`.
         batch_size: samples per batch (default: the layer's ``batch_size``).
         workers: DataLoader worker processes (0: read in this process).
         rank: this process's rank; it gets samples ``k`` with ``k % world_size == rank``.

@@ -142,30 +142,32 @@ class CaffeDataset(torch.utils.data.Dataset):
 
 
 # -- building from the prototxt ---------------------------------------------------------------
-def find_layer(net: Net, layer_name: str, phase: str) -> Layer:
-    """The layer called ``layer_name`` in the ``phase`` net (TRAIN/TEST twins share names).
+def find_layer(net: Net, layer_name: str, phase: str | NetState) -> Layer:
+    """The layer called ``layer_name`` in the ``phase`` net (TRAIN/TEST twins share names;
+    a :class:`~surgery.net.NetState` also decides level and stage rules).
 
     Raises:
         LayerNotFoundError: no layer of that name.
         DataError: the layer exists but is excluded from ``phase``.
     """
-    state = NetState(phase)
+    state = phase if isinstance(phase, NetState) else NetState(phase)
     layers = net.layers_named(layer_name)
     if not layers:
         net.layer(layer_name)  # raises with "did you mean"
     included = [lay for lay in layers if lay.is_included(state)]
     if not included:
+        what = state.phase if state == NetState(state.phase) else str(state)
         raise DataError(f"{net.source or 'net'}: layer {layer_name!r} is not in the "
-                        f"{state.phase} net (its include/exclude rules leave it out); "
-                        f"choose the other phase")
+                        f"{what} net (its include/exclude rules leave it out); "
+                        f"choose the other phase (or the stages/level that include it)")
     return included[0]
 
 
-def build_dataset(net: Net, layer_name: str, phase: str, *, seed: int | None = None
-                  ) -> CaffeDataset:
+def build_dataset(net: Net, layer_name: str, phase: str | NetState, *,
+                  seed: int | None = None) -> CaffeDataset:
     """See :func:`surgery.data.dataset`."""
-    phase = NetState(phase).phase
     layer = find_layer(net, layer_name, phase)
+    phase = phase.phase if isinstance(phase, NetState) else NetState(phase).phase
     where = f"{net.source or 'net'}: layer {layer.name!r} ({layer.type}): "
     if layer.type in FEED_TYPES:
         raise DataError(f"{where}an {layer.type} layer has no data source: feed its tops "
