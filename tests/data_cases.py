@@ -146,6 +146,17 @@ def _encoded_jpeg_mean_file(folder: Path, blobs: dict) -> None:
          source='source: "db" backend: LMDB batch_size: 2')
 
 
+def _encoded_gray_png(force_color: bool) -> Callable[[Path, dict], None]:
+    def build(folder: Path, blobs: dict) -> None:
+        write_lmdb(folder / "db", [(key(i, f"g{i}.png"),
+                                    datum_bytes(blobs[f"gpng{i}"].tobytes(), label=i,
+                                                encoded=True)) for i in range(2)])
+        _net(folder, transform="force_color: true crop_size: 5" if force_color
+             else "mean_value: 33 crop_size: 5",
+             source='source: "db" backend: LMDB batch_size: 2')
+    return build
+
+
 def _leveldb(folder: Path, blobs: dict) -> None:
     imgs = [pixels(40 + i, (3, 6, 6)) for i in range(3)]
     write_leveldb(folder / "db", [(key(i, f"l{i}"), datum_bytes(im, label=i))
@@ -207,6 +218,8 @@ def _encoders() -> dict[str, Callable[[], bytes]]:
                           encode(pixels(60 + i, (h, w, 3)), ".png"))
     for i in range(3):
         enc[f"jpg{i}"] = (lambda i=i: encode(pixels(70 + i, (11, 13, 3)), ".jpg"))
+    for i in range(2):
+        enc[f"gpng{i}"] = (lambda i=i: encode(pixels(80 + i, (7, 9)), ".png"))
     return enc
 
 
@@ -219,6 +232,8 @@ CASES = [
     Case("lmdb_encoded_png_color_crop", "TEST", 2, _encoded_png),
     Case("lmdb_encoded_jpeg_force_gray", "TEST", 2, _encoded_jpeg_gray),
     Case("lmdb_encoded_jpeg_mean_file", "TEST", 2, _encoded_jpeg_mean_file),
+    Case("lmdb_encoded_gray_png_native", "TEST", 2, _encoded_gray_png(False)),
+    Case("lmdb_encoded_gray_png_force_color", "TEST", 2, _encoded_gray_png(True)),
     Case("leveldb_raw", "TEST", 2, _leveldb),
     Case("image_data_resize_spaces", "TEST", 2, _image_data),
     Case("image_data_gray_train", "TRAIN", 2, _image_data_gray),
