@@ -178,3 +178,18 @@ def test_googlenet_train_val_with_deploy_weights_fill_missing(tmp_path, capsys):
     assert missing_weights(net) == []
     assert net.layer("loss1/fc").params[0].data.shape == (1024, 2048)
     assert_passes_check(out, out_w)
+
+
+@pytest.mark.parametrize("target", ["onnx", "torch"])
+def test_export_fill_missing(target, partial, tmp_path, capsys):
+    # the CLI face of the Python missing='fill': exports draw the layers a caffemodel lacks
+    proto, weights = partial
+    out = tmp_path / ("m.onnx" if target == "onnx" else "m")
+    argv = ["export", target, proto, "--weights", weights, "-o", out]
+    if target == "onnx":
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 2 and "'c'" in err and "--fill-missing" in err and not out.exists()
+    rc, text, _ = _run(capsys, *argv, "--fill-missing", "--seed", "2", "--json")
+    rep = json.loads(text)
+    assert rc == 0 and rep["notes"][0].startswith("--fill-missing: 1 layer(s)")
+    assert "(seed 2): c" in rep["notes"][0]

@@ -18,6 +18,29 @@ from . import CliError, add_input_shape_option, emit, ensure_output, input_shape
 __all__ = ["register", "cmd_export_onnx", "cmd_export_torch", "cmd_verify", "cmd_extract"]
 
 
+def _fill_missing(args: argparse.Namespace, net: Any) -> tuple[Any, list[str]]:
+    """``--fill-missing``: draw the layers without weights (:func:`surgery.ops.init_weights`,
+    the same values every verb draws for one seed); notes for the report."""
+    if not args.fill_missing:
+        return net, []
+    from ..ops.init import init_weights
+
+    net, report = init_weights(net, seed=args.seed)
+    filled = report.data["filled"]
+    if not filled:
+        return net, ["--fill-missing: every learnable layer has weights"]
+    return net, [f"--fill-missing: {len(filled)} layer(s) drawn from their fillers (seed "
+                 f"{report.seed}): {', '.join(filled[:8])}" + (" ..." if len(filled) > 8 else "")]
+
+
+def _fill_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fill-missing", action="store_true",
+                   help="draw the learnable layers without weights from their fillers (as "
+                   "`surgery init`) instead of refusing them")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for --fill-missing (default: surgery.fillers.DEFAULT_SEED)")
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     """``surgery export onnx``."""
     from ..caffe_io import load
@@ -25,7 +48,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     ensure_output([args.net, args.weights], args.output)
     # the external data file (written beside big models) must not be an input either
     ensure_output([args.net, args.weights], args.output + ".data", what="-o (its .data file)")
-    net = load(args.net, args.weights)
+    net, filled = _fill_missing(args, load(args.net, args.weights))
     phase = args.phase.upper()
     shapes = input_shapes(net, args.input_shape, phase)
     from ..export.onnx import save_onnx
@@ -41,7 +64,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         "outputs": [o.name for o in graph.output],
         "nodes": len(graph.node),
         "initializers": len(graph.initializer),
-        "notes": [n for n in model.doc_string.splitlines() if n],
+        "notes": filled + [n for n in model.doc_string.splitlines() if n],
     }
     lines = [f"note: {n}" for n in rep["notes"]]
     lines.append(f"wrote {args.output}: opset {args.opset}, IR {model.ir_version}, "
@@ -63,7 +86,7 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     except SurgeryError as exc:
         raise CliError(f"-o {exc}") from None
     out = Path(args.output)
-    net = load(args.net, args.weights)
+    net, filled = _fill_missing(args, load(args.net, args.weights))
     phase = args.phase.upper()
     shapes = input_shapes(net, args.input_shape, phase)
     outputs = _blob_list(args.outputs, "--outputs") if args.outputs else None
@@ -72,7 +95,7 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     files = sorted(p.name for p in out.iterdir())
     meta = json.loads((out / "caffe_names.json").read_text(encoding="utf-8"))
     rep = {"output": args.output, "phase": phase, "files": files, "inputs": meta["inputs"],
-           "outputs": meta["outputs"], "notes": meta["notes"]}
+           "outputs": meta["outputs"], "notes": filled + meta["notes"]}
     lines = [f"note: {n}" for n in rep["notes"]]
     lines.append(f"wrote {args.output}/: {', '.join(files)}; inputs "
                  f"{', '.join(rep['inputs'])}, outputs {', '.join(rep['outputs'])}")
@@ -206,6 +229,7 @@ def register(sub: Any) -> None:
     p.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNorm (+Scale) into the convolution before it")
     add_input_shape_option(p)
+    _fill_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_onnx)
 
@@ -224,6 +248,7 @@ def register(sub: Any) -> None:
         "relu7) as a dict {name: tensor}, always a dict; only the layers they need are exported",
     )
     add_input_shape_option(p)
+    _fill_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_torch)
 

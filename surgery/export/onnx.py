@@ -981,8 +981,8 @@ def _check_configs(g: _Graph, nodes: Sequence[Node]) -> None:
         raise NetError(
             f"{len(missing)} layer(s) have no weights: {', '.join(missing[:20])}"
             + (" ..." if len(missing) > 20 else "")
-            + ". Pass the caffemodel (--weights), or check that its layer names match the "
-            "definition."
+            + ". Pass the caffemodel (--weights), check that its layer names match the "
+            "definition, or draw them from their fillers (--fill-missing)."
         )
 
 
