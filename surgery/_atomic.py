@@ -214,6 +214,7 @@ class Outputs:
             self._cleaned.add(parent)
             clean_stale(parent)
         tmp = self._new_name(parent, name)
+        self._items[path] = (tmp, folder, replace)  # first: a signal below still removes it
         try:
             if folder:
                 os.mkdir(tmp, 0o777)
@@ -231,8 +232,8 @@ class Outputs:
                 finally:
                     os.close(fd)
         except OSError as exc:
+            del self._items[path]
             raise _cannot(target, exc) from None
-        self._items[path] = (tmp, folder, replace)
         return Path(tmp)
 
     @staticmethod
@@ -272,11 +273,12 @@ class Outputs:
         """
         parent = os.path.dirname(os.path.abspath(os.fspath(beside)))
         tmp = self._new_name(parent, os.path.basename(os.fspath(beside)) or "out")
+        self._scratch.append(tmp)
         try:
             os.mkdir(tmp, 0o700)
         except OSError as exc:
+            self._scratch.remove(tmp)
             raise _cannot(beside, exc) from None
-        self._scratch.append(tmp)
         return Path(tmp)
 
     def write_bytes(self, target: PathLike, data: bytes) -> None:
@@ -300,12 +302,16 @@ class Outputs:
     # -- ending ------------------------------------------------------------------------------
     def abort(self) -> None:
         """Remove every temporary; no target is touched."""
-        for tmp, _, _ in self._items.values():
-            _remove(tmp)
-        for tmp in self._scratch:
-            _remove(tmp)
-        self._items.clear()
-        self._scratch.clear()
+        masked = _block_signals()  # a second Ctrl-C must not interrupt the cleanup
+        try:
+            for tmp, _, _ in self._items.values():
+                _remove(tmp)
+            for tmp in self._scratch:
+                _remove(tmp)
+            self._items.clear()
+            self._scratch.clear()
+        finally:
+            _unblock_signals(masked)
 
     def commit(self) -> None:
         """Rename every temporary onto its target (all or none).

@@ -158,3 +158,29 @@ def test_sigkill_never_leaves_a_partial_target(
     # the next run writing into this folder removes what the killed runs left
     assert main(["upgrade", "big.prototxt", "-o", "next.prototxt"]) == 0
     assert _temporaries(work) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_while_writing_clean_up(big: Path, tmp_path: Path, sig: int) -> None:
+    """SIGTERM is handled as Ctrl-C: the temporaries go, the targets stay old, exit 143/130."""
+    argv, targets = VERBS["rename-heads"]
+    for name in ("big.prototxt", "big.caffemodel"):
+        os.link(big / name, tmp_path / name)
+    for t in targets:
+        (tmp_path / t).write_bytes(b"old")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "surgery", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _temporaries(tmp_path) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no temporary ever appeared"
+            time.sleep(0.001)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == sorted(["big.prototxt", "big.caffemodel", *targets])
+    assert all((tmp_path / t).read_bytes() == b"old" for t in targets)
