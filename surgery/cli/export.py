@@ -123,9 +123,10 @@ def cmd_import_torch(args: argparse.Namespace) -> int:
                            bn_factor=args.bn_factor)
     rep = {**report.as_dict(), "output": args.output}
     c = report.data["counts"]
-    lines = [report.text(),
-             f"wrote {args.output}: {c['written']} layer(s) from torch, {c['kept']} kept from "
-             f"the net's weights, {c['left_out']} left out"]
+    lines = [f"  left     {e['layer']}: {e['why']}" for e in report.left]
+    lines += [f"  note     {n}" for n in report.notes]
+    lines.append(f"wrote {args.output}: {c['written']} layer(s) from torch, {c['kept']} kept "
+                 f"from the net's weights, {c['left_out']} left out (--json lists every blob)")
     emit(rep, "\n".join(lines), args.json)
     return 0
 
