@@ -234,6 +234,32 @@ def test_missing_database(tmp_path: Path) -> None:
         sd.dataset(proto, "data", "test")
 
 
+def test_wrong_backend_says_which(tmp_path: Path) -> None:
+    lmdb_of(tmp_path, [pixels(0, (1, 2, 2))])
+    with pytest.raises(DataError, match="is an LMDB database but data_param.backend is LEVELDB"):
+        sd.dataset(data_net(tmp_path, backend="LEVELDB"), "data", "test")
+    write_leveldb(tmp_path / "ldb", [(b"k", datum_bytes(pixels(0, (1, 2, 2))))])
+    with pytest.raises(DataError, match="is a LevelDB database but data_param.backend is LMDB"):
+        sd.dataset(data_net(tmp_path, source="ldb"), "data", "test")
+
+
+def test_datasets_pickle_for_spawned_workers(tmp_path: Path) -> None:
+    """A spawned worker (macOS, Windows) gets the dataset pickled: no open handles travel,
+    and the copy reads the same items."""
+    import pickle
+
+    lmdb_of(tmp_path, [pixels(i, (3, 6, 6)) for i in range(3)])
+    ds = sd.dataset(data_net(tmp_path, transform="crop_size: 4 mean_value: 3"), "data", "test")
+    first = ds[2]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert all(np.array_equal(a, b) for a, b in zip(first, copy[2], strict=True))
+    (tmp_path / "il").mkdir()
+    proto = _image_list(tmp_path / "il", 2)
+    ds = sd.dataset(proto, "data", "test")
+    ds[0]
+    assert np.array_equal(pickle.loads(pickle.dumps(ds))[1][0], ds[1][0])
+
+
 def test_empty_database_and_list(tmp_path: Path) -> None:
     write_lmdb(tmp_path / "db", [])
     with pytest.raises(DataError, match="is empty"):

@@ -72,6 +72,18 @@ def decode_datum(raw: bytes, *, force_color: bool = False, force_gray: bool = Fa
     return array, int(datum.label)
 
 
+def _check_backend(path: Path, backend: str, where: str) -> None:
+    """A database of the other kind is the usual mistake (``backend`` defaults to LEVELDB)."""
+    is_lmdb = (path / "data.mdb").exists() if path.is_dir() else path.suffix == ".mdb"
+    is_leveldb = path.is_dir() and (path / "CURRENT").exists()
+    if backend == "LEVELDB" and is_lmdb:
+        raise DataError(f"{where}{path} is an LMDB database but data_param.backend is LEVELDB "
+                        "(Caffe's default): set backend: LMDB")
+    if backend == "LMDB" and is_leveldb:
+        raise DataError(f"{where}{path} is a LevelDB database but data_param.backend is LMDB: "
+                        "set backend: LEVELDB")
+
+
 # One LMDB environment per database and process: py-lmdb refuses to open one twice, and an
 # environment must not be used across fork (a worker opens its own).
 _LMDB_ENVS: dict[str, object] = {}
@@ -118,6 +130,7 @@ class DatumSource(Source):
         self.backend = backend.upper()
         if self.backend not in ("LMDB", "LEVELDB"):
             raise DataError(f"{where}data_param.backend {backend!r}: LMDB or LEVELDB")
+        _check_backend(self.path, self.backend, where)
         self.force_color = force_color
         self.force_gray = force_gray
         self.where = where
