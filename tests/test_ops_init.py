@@ -66,9 +66,16 @@ def test_init_seed_and_zero_filler_rule(tmp_path):
     assert not net.has_weights  # input untouched
 
 
-def test_init_batchnorm_statistics_are_identity():
-    net = caffe_io.load(ZOO / "mobilenet_v2" / "mobilenet_v2_deploy.prototxt")
+def test_init_batchnorm_statistics_are_identity(tmp_path):
+    proto = ZOO / "mobilenet_v2" / "mobilenet_v2_deploy.prototxt"
+    net = caffe_io.load(proto)
     new, rep = init_weights(net, seed=0)
+    caffe_io.save(new, weights=tmp_path / "m.caffemodel")
+    cv2 = pytest.importorskip("cv2")
+    cv = cv2.dnn.readNetFromCaffe(str(proto), str(tmp_path / "m.caffemodel"))
+    cv.setInput(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32))
+    out = cv.forward()
+    assert np.isfinite(out).all() and out.std() > 0
     bns = [lay for lay in new.layers if lay.type == "BatchNorm"]
     assert bns and all(lay.name in rep.data["filled"] for lay in bns)
     for lay in bns:

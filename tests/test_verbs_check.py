@@ -99,7 +99,7 @@ def test_every_verb_writes_a_net_that_passes_check(name, verb, tmp_path, capsys)
     assert_passes_check(out)
 
 
-@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("name", ["googlenet", "squeezenet"])  # CaffeNet: 240 MB, too slow
 def test_init_writes_weights_that_pass_check(name, tmp_path, capsys):
     case = NETS[name]
     out = tmp_path / "w.caffemodel"
