@@ -5,10 +5,15 @@ Backends (each optional, imported only when used):
 * ``onnxruntime`` -- the net exported by :func:`surgery.export.onnx.to_onnx` with every blob
   exposed;
 * ``torch`` -- :func:`surgery.export.to_torch`;
-* ``opencv`` -- OpenCV 4.x ``cv2.dnn.readNetFromCaffe``, an implementation independent of ours.
+* ``opencv`` -- OpenCV 4.x ``cv2.dnn.readNetFromCaffe``, an implementation independent of ours;
+* ``reference64`` -- the numpy reference of :mod:`surgery.export.reference` (written from
+  Caffe's loops, not from the exporters' lowerings) run in float64 from input to output: no
+  float32 rounding anywhere, so it tells rounding amplified by depth from a lowering that
+  computes something else. Not in the default list (slow: numpy convolutions).
 
 The reference, in order of preference: a golden folder's ``outputs.npz`` (and ``probes.json``
-for the blobs too big to store) written by Caffe itself, else OpenCV, else the first backend.
+for the blobs too big to store) written by Caffe itself, else ``reference64`` when it ran,
+else OpenCV, else the first backend.
 
 Comparison rules:
 
@@ -39,6 +44,7 @@ from .net import Net, NetState
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BACKENDS",
     "BlobError",
     "VerifyReport",
     "verify",
@@ -48,7 +54,8 @@ __all__ = [
     "compare",
 ]
 
-BACKENDS = ("onnxruntime", "torch", "opencv")
+BACKENDS = ("onnxruntime", "torch", "opencv", "reference64")
+DEFAULT_BACKENDS = ("onnxruntime", "torch", "opencv")
 GOLDEN = "golden"
 
 
@@ -358,12 +365,27 @@ class _Skip(Exception):
     """A backend that cannot run this net here (not installed, unreadable by it)."""
 
 
+def _run_reference64(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Files
+                     ) -> dict[str, np.ndarray]:
+    from .errors import UnsupportedLayerError
+    from .export.reference import run_net
+
+    if phase != "TEST":
+        raise _Skip("the float64 reference runs TEST forward passes only")
+    try:
+        return run_net(net, inputs, phase)
+    except UnsupportedLayerError as exc:
+        raise _Skip(f"no float64 reference for some layers: {_first_line(exc)}") from None
+
+
 _RUNNERS: dict[str, Runner] = {
     "onnxruntime": _run_onnxruntime,
     "torch": _run_torch,
     "opencv": _run_opencv,
+    "reference64": _run_reference64,
 }
-_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "torch": ("torch",), "opencv": ("cv2",)}
+_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "torch": ("torch",), "opencv": ("cv2",),
+            "reference64": ()}
 #: The extra of caffe-surgery that installs each module a backend needs.
 _EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": "torch", "cv2": "all"}
 
@@ -409,7 +431,7 @@ def _compare_probes(got: np.ndarray, probe: Mapping[str, Any]) -> tuple[float, f
 def verify(
     net: Net,
     *,
-    backends: Sequence[str] = BACKENDS,
+    backends: Sequence[str] = DEFAULT_BACKENDS,
     golden: str | os.PathLike[str] | None = None,
     inputs: Mapping[str, np.ndarray] | None = None,
     tolerance: float | None = None,
@@ -494,9 +516,11 @@ def verify(
         raise SurgeryError("no backend could run the net: " + "; ".join(
             f"{b}: {w}" for b, w in report.skipped.items()))
     if not ref_blobs and not probes:
-        ref_name = "opencv" if "opencv" in results else next(iter(results))
+        ref_name = next((b for b in ("reference64", "opencv") if b in results),
+                        next(iter(results)))
         ref_blobs = results.pop(ref_name)
-        report.reference = f"{ref_name} (independent)" if ref_name == "opencv" else ref_name
+        report.reference = {"opencv": "opencv (independent)",
+                            "reference64": "reference64 (numpy, float64)"}.get(ref_name, ref_name)
     report.backends = list(results)
     flow = resolve(net, NetState(phase))
     order = flow.blob_names()

@@ -302,7 +302,8 @@ def register(sub: Any) -> None:
                      help="golden folder: input.npz, Caffe's outputs.npz/probes.json")
     src.add_argument("--input", metavar="X.npz", help="input arrays by input name")
     p.add_argument("--backends", default="onnxruntime,torch,opencv",
-                   help="comma-separated: onnxruntime, torch, opencv (default all)")
+                   help="comma-separated: onnxruntime, torch, opencv, reference64 (the numpy "
+                   "reference in float64: no rounding, slow); default onnxruntime,torch,opencv")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max relative error per blob (default: the golden's, else 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")

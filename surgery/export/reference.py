@@ -7,20 +7,22 @@ channel window (ACROSS) or pools them (WITHIN); Deconvolution scatters each inpu
 Float64 inside, float32 out. Only TEST-phase forward passes.
 
 Use :func:`forward` (``forward(layer, bottoms) -> tops``); :func:`supported_types` lists
-the types covered.
+the types covered. :func:`run_net` runs a whole net with it, in float64 throughout (the
+``reference64`` backend of ``surgery verify``: a yardstick without float32 rounding, to tell
+rounding amplified by depth from a lowering that computes something else).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..layers import attr
-from ..net import Layer
+from ..net import Layer, Net
 
-__all__ = ["forward", "supported_types", "reference"]
+__all__ = ["forward", "forward64", "run_net", "supported_types", "reference"]
 
 Ref = Callable[[Layer, list[np.ndarray]], list[np.ndarray]]
 _REF: dict[str, Ref] = {}
@@ -52,6 +54,70 @@ def forward(layer: Layer, bottoms: Sequence[np.ndarray]) -> list[np.ndarray]:
     """
     xs = [np.asarray(b, np.float64) for b in bottoms]
     return [np.asarray(t, np.float32) for t in _REF[layer.type](layer, xs)]
+
+
+def forward64(layer: Layer, bottoms: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:func:`forward` without the final rounding: float64 tops.
+
+    Raises:
+        KeyError: no reference for the type.
+    """
+    xs = [np.asarray(b, np.float64) for b in bottoms]
+    return [np.asarray(t, np.float64) for t in _REF[layer.type](layer, xs)]
+
+
+def run_net(
+    net: Net, inputs: Mapping[str, np.ndarray], phase: str = "TEST", *,
+    round32: bool = False,
+) -> dict[str, np.ndarray]:
+    """Run ``net`` layer by layer with the reference, every blob kept.
+
+    Rules:
+
+    1. The layers are the TEST export's (:func:`surgery.export.common.plan`: data layers become
+       the inputs, losses and metrics are dropped), in net order.
+    2. Values stay float64 from the inputs to the last layer (``round32=True`` rounds every
+       top to float32, as a float32 framework stores its blobs; the arithmetic inside a layer
+       stays float64).
+    3. Blobs are named as the exports name them: the last version of a name under the name
+       (Caffe's blob after the forward pass), earlier in-place versions ``<blob>@<layer>``.
+
+    Args:
+        net: the net with its weights.
+        inputs: arrays by input name.
+        phase: only "TEST" has a reference.
+        round32: round each top to float32.
+
+    Returns:
+        ``{blob name: float64 array}``, inputs included.
+
+    Raises:
+        UnsupportedLayerError: layers without a reference (all named).
+        SurgeryError: a missing input, or a phase other than TEST.
+    """
+    from ..errors import SurgeryError
+    from .common import plan
+
+    if phase.upper() != "TEST":
+        raise SurgeryError("the numpy reference runs TEST-phase forward passes only")
+    p = plan(net, "TEST", supported=supported_types(), infer_shapes=False)
+    env: dict[int, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
+    for v in p.inputs:
+        if v.name not in inputs:
+            raise SurgeryError(f"no input array for {v.name!r}")
+        env[id(v)] = np.asarray(inputs[v.name], np.float64)
+        out[v.name] = env[id(v)]
+    for node in p.nodes:
+        tops = _REF[node.layer.type](node.layer, [env[id(v)] for v in node.inputs])
+        for v, t in zip(node.outputs, tops, strict=True):
+            t = np.asarray(t, np.float64)
+            if round32:
+                t = t.astype(np.float32).astype(np.float64)
+            env[id(v)] = t
+            latest = p.flow.latest(v.name) is v
+            out[v.name if latest else f"{v.name}@{node.layer.name}"] = t
+    return out
 
 
 def _blob(layer: Layer, i: int) -> np.ndarray:
@@ -108,8 +174,9 @@ def _conv(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
             for j in range(kw):
                 patch = xg[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh,
                            j * dw : j * dw + sw * (ow - 1) + 1 : sw]
-                out[:, gi * cog : (gi + 1) * cog] += np.einsum("nchw,oc->nohw", patch,
-                                                              wg[:, :, i, j])
+                # sum over c of patch[n,c,h,w] * w[o,c]: tensordot (BLAS), as einsum nchw,oc
+                out[:, gi * cog : (gi + 1) * cog] += np.tensordot(
+                    patch, wg[:, :, i, j], axes=([1], [1])).transpose(0, 3, 1, 2)
     if bool(attr(layer, "bias_term", True)):
         out += _blob(layer, 1).reshape(1, -1, 1, 1)
     return [out]
@@ -132,7 +199,8 @@ def _deconv(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
         wg = w[gi * cig : (gi + 1) * cig]
         for i in range(kh):
             for j in range(kw):
-                contrib = np.einsum("nchw,co->nohw", xg, wg[:, :, i, j])
+                contrib = np.tensordot(xg, wg[:, :, i, j], axes=([1], [0])).transpose(
+                    0, 3, 1, 2)
                 out[:, gi * cog : (gi + 1) * cog, i * dh : i * dh + sh * (h - 1) + 1 : sh,
                     j * dw : j * dw + sw * (wd - 1) + 1 : sw] += contrib
     out = out[:, :, ph : full_h - ph, pw : full_w - pw]
