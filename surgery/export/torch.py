@@ -703,7 +703,7 @@ def _accuracy(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.No
         raise UnsupportedLayerError(f"layer {node.layer.name!r}: Accuracy's per-class second "
                                     "top is not lowered")
     axis = common.canonical_axis(int(attr(node.layer, "axis", 1)), ctx.ndim(node))
-    ignore = attr(node.layer, "ignore_label", None)
+    ignore = node.layer.attrs.get("ignore_label")  # no default: unset means none ignored
     return [ctx.call(rt.caffe_accuracy, xs[0], xs[1], int(attr(node.layer, "top_k", 1)), axis,
                      None if ignore is None else int(ignore))]
 
