@@ -30,7 +30,8 @@ Rules:
    cleans up exactly as Ctrl-C does (which exits 130 in the CLI).
 4. A SIGKILL cannot be caught: it can leave only temporaries with the recognisable name above.
    Each transaction, when it starts, removes the stale temporaries in its targets' folders:
-   those whose process is no longer running. (A SIGKILL in the microseconds of the
+   those made on this host (RANDOM starts with a hash of the host name) whose process is no
+   longer running. (A SIGKILL in the microseconds of the
    commit's renames can leave some targets new and the others old, never a partial file.)
 5. Transactions nest: an ``outputs()`` block (or a helper that opens one, such as
    :func:`surgery.caffe_io.save`) inside another joins the outer one, and only the outermost
@@ -53,11 +54,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -83,7 +86,10 @@ PathLike = str | os.PathLike[str]
 
 #: The part of every temporary's name that marks it as ours.
 TEMP_MARK = ".surgery-tmp-"
-_TEMP_RE = re.compile(r"^\..*\.surgery-tmp-(\d+)-[0-9a-f]{8}$", re.DOTALL)
+_TEMP_RE = re.compile(r"^\..*\.surgery-tmp-(\d+)-([0-9a-f]{4})[0-9a-f]{4}$", re.DOTALL)
+# The first 4 hex digits of RANDOM name the host: a folder shared over the network may hold
+# another machine's temporaries, whose PIDs mean nothing here; those are never removed.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 _NAME_MAX = 200  # leave room for the suffix within the usual 255-byte name limit
 
 
@@ -130,7 +136,7 @@ def clean_stale(folder: PathLike) -> list[str]:
         return removed
     for entry in entries:
         m = _TEMP_RE.match(entry.name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or m.group(2) != _HOST or _pid_alive(int(m.group(1))):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
@@ -239,7 +245,11 @@ class Outputs:
     @staticmethod
     def _new_name(parent: str, name: str) -> str:
         short = name[:_NAME_MAX]
-        return os.path.join(parent, f".{short}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        while True:  # 4 random hex digits: draw again on the rare clash
+            tmp = os.path.join(parent, f".{short}{TEMP_MARK}{os.getpid()}-{_HOST}"
+                                       f"{secrets.token_hex(2)}")
+            if not os.path.lexists(tmp):
+                return tmp
 
     def file(self, target: PathLike) -> Path:
         """Reserve a temporary file for ``target`` and return its path (an empty file).

@@ -143,9 +143,12 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path: Path) -> None
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     pid = int(dead.stdout)
-    stale_file = tmp_path / f".w.caffemodel{_atomic.TEMP_MARK}{pid}-0123abcd"
-    stale_dir = tmp_path / f".model{_atomic.TEMP_MARK}{pid}-89abcdef"
-    live = tmp_path / f".x{_atomic.TEMP_MARK}{os.getpid()}-00000000"
+    stale_file = tmp_path / f".w.caffemodel{_atomic.TEMP_MARK}{pid}-{_atomic._HOST}abcd"
+    stale_dir = tmp_path / f".model{_atomic.TEMP_MARK}{pid}-{_atomic._HOST}cdef"
+    live = tmp_path / f".x{_atomic.TEMP_MARK}{os.getpid()}-{_atomic._HOST}0000"
+    elsewhere = "ffff" if _atomic._HOST != "ffff" else "eeee"  # another machine's (NFS)
+    remote = tmp_path / f".y{_atomic.TEMP_MARK}{pid}-{elsewhere}0000"
+    remote.write_text("")
     other = tmp_path / ".w.caffemodel.abc.tmp"  # not ours by name: never touched
     stale_file.write_bytes(b"partial")
     stale_dir.mkdir()
@@ -154,7 +157,7 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path: Path) -> None
     other.write_text("")
     _atomic.write_text(tmp_path / "out.txt", "ok")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [live.name, other.name, "out.txt"])
+        [live.name, other.name, remote.name, "out.txt"])
 
 
 _SIGNAL_DRIVER = textwrap.dedent("""
