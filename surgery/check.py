@@ -22,7 +22,7 @@ from .dataflow import resolve
 from .errors import NetError, SurgeryError
 from .net import Net, NetState
 
-__all__ = ["Problem", "check", "assert_valid"]
+__all__ = ["Problem", "check", "assert_valid", "inference_problems"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,34 @@ def check(net: Net, states: tuple[NetState, ...] | None = None) -> list[Problem]
                         )
                     )
     return problems
+
+
+def inference_problems(net: Net) -> dict[str, str]:
+    """What ``surgery info`` would refuse, per phase: shape inference from the shapes every
+    verb starts from (:func:`surgery.shapes.starting_shapes`: dataset layers' shapes read off
+    the definition), without comparing loaded weights.
+
+    :func:`check` infers only what the definition states, so a train_val net whose data layer
+    hides its shape passes it even when, say, an Accuracy ``top_k`` exceeds the class count;
+    this finds such problems the way ``info`` (and Caffe at run time) does.
+
+    Returns:
+        ``{phase: error message}`` for each phase that resolves but does not infer.
+    """
+    from .shapes import infer, starting_shapes
+
+    out: dict[str, str] = {}
+    for phase in ("TEST", "TRAIN"):
+        try:
+            flow = resolve(net, NetState(phase))
+        except SurgeryError:
+            continue
+        try:
+            start, _ = starting_shapes(flow)
+            infer(flow, start, check_weights=False)
+        except SurgeryError as exc:
+            out[phase] = str(exc)
+    return out
 
 
 def assert_valid(net: Net) -> None:

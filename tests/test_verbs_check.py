@@ -106,3 +106,32 @@ def test_init_writes_weights_that_pass_check(name, tmp_path, capsys):
     assert main(["init", str(case["net"]), "-o", str(out), "--seed", "1"]) == 0
     capsys.readouterr()
     assert_passes_check(case["net"], out)
+
+
+def test_a_verb_never_writes_what_info_refuses(tmp_path, capsys, monkeypatch):
+    # the guard behind every editing verb: with the top_k rule switched off, rename-heads
+    # would write GoogLeNet with top_k 5 of 3 classes (issue 7 item 2's bug); the CLI refuses
+    from surgery.ops import heads
+
+    monkeypatch.setattr(heads, "_lower_top_k", lambda *a, **k: None)
+    out = tmp_path / "g3.prototxt"
+    rc = main(["rename-heads", str(NETS["googlenet"]["net"]), "--num-output", "3", "-o",
+               str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "would fail `surgery info`" in err and "top_k 5" in err
+    assert not out.exists()
+
+
+def test_inference_problems_sees_what_check_cannot(tmp_path):
+    from surgery.check import inference_problems
+    from surgery.ops import rename_heads
+
+    net = caffe_io.load(NETS["squeezenet"]["net"])
+    bad = net.copy()
+    for lay in bad.layers:
+        if lay.type == "Convolution" and lay.name == "conv10":
+            lay.attrs["num_output"] = 4  # 4 classes, top-5 left as is
+    assert [p for p in check(bad) if p.severity == "error"] == []  # shapes hidden: passes
+    assert "top_k 5" in inference_problems(bad)["TEST"]
+    assert inference_problems(net) == {}
+    assert inference_problems(rename_heads(net, 4)[0]) == {}

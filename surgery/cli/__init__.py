@@ -29,6 +29,7 @@ __all__ = [
     "ensure_output",
     "ensure_distinct",
     "load_for_edit",
+    "refuse_new_problems",
     "add_fill_missing",
     "weights_coverage",
     "emit",
@@ -103,7 +104,34 @@ def load_for_edit(args: argparse.Namespace, *, weights_need_output: bool = False
         ensure_distinct(args.output, out_weights, "-o and --out-weights")
     elif weights is not None and weights_need_output:
         raise CliError("--weights needs --out-weights (where to write the new caffemodel)")
-    return load(args.net, weights)
+    net = load(args.net, weights)
+    args._input_net = net  # for refuse_new_problems: what the verb started from
+    return net
+
+
+def refuse_new_problems(args: argparse.Namespace, net: Any) -> None:
+    """Never write a net that ``surgery info`` refuses when the input passed it.
+
+    The ops end with :func:`surgery.check.check`, which infers only what a definition states;
+    this also runs the inference ``info`` runs (:func:`surgery.check.inference_problems`) and
+    refuses a result that fails in a phase where the input (``load_for_edit``'s net) did not.
+
+    Raises:
+        NetError: the result would fail ``info`` (nothing is written).
+    """
+    from ..check import inference_problems
+    from ..errors import NetError
+
+    after = inference_problems(net)
+    if not after:
+        return
+    before_net = getattr(args, "_input_net", None)
+    before = inference_problems(before_net) if before_net is not None else {}
+    new = {p: m for p, m in after.items() if p not in before}
+    if new:
+        phase, msg = next(iter(new.items()))
+        raise NetError(f"the result would fail `surgery info` in the {phase} net ({msg}); "
+                       "nothing written")
 
 
 def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:

@@ -15,6 +15,7 @@ from . import (
     emit,
     ensure_output,
     load_for_edit,
+    refuse_new_problems,
     weights_coverage,
 )
 
@@ -89,6 +90,7 @@ def _finish(args: argparse.Namespace, net: Any, report: Any) -> int:
         report.note("--weights given without --out-weights: the new weights were not written")
     if out_weights is not None or getattr(args, "fill_missing", False):
         net = weights_coverage(args, net, report)
+    refuse_new_problems(args, net)
     save(net, args.output, out_weights)
     data = report.as_dict()
     data["output"] = args.output

@@ -20,6 +20,7 @@ from . import (
     ensure_output,
     input_shapes,
     load_for_edit,
+    refuse_new_problems,
     weights_coverage,
 )
 
@@ -31,6 +32,7 @@ def _save(args: argparse.Namespace, net: Any, report: Any) -> int:
 
     out_weights = getattr(args, "out_weights", None)
     net = weights_coverage(args, net, report)
+    refuse_new_problems(args, net)
     save(net, args.output, out_weights)
     data = report.as_dict()
     data.update(output=args.output, out_weights=out_weights)
