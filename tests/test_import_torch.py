@@ -268,3 +268,31 @@ def test_cli_import_torch_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["import-torch", str(tmp_path / "exp"), "--net", str(tmp_path / "tiny.prototxt"),
                  "--state-dict", str(pt), "-o", str(w)]) == 0
     assert w.exists()
+
+
+def test_caffe_reads_the_written_caffemodel_as_torch_computes(tmp_path: Path) -> None:
+    """The real Caffe ran a caffemodel to_caffemodel wrote (BatchNorm factor 999.98, Scale,
+    PReLU, a grouped convolution): its outputs, recorded once by
+    tools/record_import_torch_caffe.py into tests/data/import_torch_caffe.npz, equal the torch
+    module holding the same tensors, and OpenCV / our numpy reference on the caffemodel written
+    now, within 1e-5."""
+    data = ROOT / "tests" / "data"
+    rec = dict(np.load(data / "import_torch_caffe.npz"))
+    state = {k[len("state/"):]: v for k, v in rec.items() if k.startswith("state/")}
+    net = surgery.load(data / "import_torch_net.prototxt")
+    model = to_torch(net, keep_blobs=True, missing="fill")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(rec["input"]))
+    for blob in ("ip", "prob"):
+        assert _rel(out[blob].numpy(), rec[f"caffe_{blob}"]) <= 1e-5, blob
+    path = tmp_path / "w.caffemodel"
+    to_caffemodel(state, net, path, caffe_names=model.caffe_names, bn_factor=999.98)
+    back = surgery.load(data / "import_torch_net.prototxt", path)
+    assert back.layer("bn1").params[2].data.tolist() == [np.float32(999.98)]
+    inputs = {"data": rec["input"]}
+    for blob in ("ip", "prob"):
+        cv = _opencv_forward(data / "import_torch_net.prototxt", path, inputs, blob)
+        assert _rel(cv, rec[f"caffe_{blob}"]) <= 1e-5, blob
+        assert _rel(_numpy_forward(back, inputs, blob), rec[f"caffe_{blob}"]) <= 1e-5, blob
