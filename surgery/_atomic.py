@@ -43,6 +43,8 @@ Rules:
    (``replace=True``); the swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux (else two
    renames), and the old folder is removed after the swap.
 7. Files get the mode of the file they replace, else ``0666 & ~umask`` (as ``open()``).
+   Temporaries are flushed to disk (fsync) before the renames, and the folders after them, so
+   a power cut also leaves each target old or complete.
 8. Two outputs naming one path, a target that is an existing folder (for a file) or a
    missing parent folder are refused before anything is written.
 
@@ -182,6 +184,27 @@ def _remove(path: str) -> None:
         pass
     except OSError:
         pass
+
+
+def _sync(path: str) -> None:
+    """fsync a file or a folder (best effort: some file systems refuse it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _sync(os.path.join(root, name))
+        _sync(root)
 
 
 def _cannot(path: PathLike, exc: OSError | str) -> SurgeryError:
@@ -332,6 +355,12 @@ class Outputs:
         for tmp in self._scratch:
             _remove(tmp)
         self._scratch.clear()
+        # On disk before the renames: after a power cut a target is old or new, never empty.
+        for tmp, folder, _ in self._items.values():
+            if folder:
+                _sync_tree(tmp)
+            else:
+                _sync(tmp)
         masked = _block_signals()
         done: list[tuple[str, str | None, str]] = []  # (target, backup of the old one, tmp)
         try:
@@ -341,6 +370,8 @@ class Outputs:
                 except OSError as exc:
                     self._rollback(done)
                     raise _cannot(target, exc) from None
+            for parent in {os.path.dirname(t) for t, _, _ in done}:
+                _sync(parent)  # the renames themselves
             for _, backup, _ in done:
                 if backup is not None:
                     _remove(backup)
