@@ -296,3 +296,15 @@ def test_caffe_reads_the_written_caffemodel_as_torch_computes(tmp_path: Path) ->
         cv = _opencv_forward(data / "import_torch_net.prototxt", path, inputs, blob)
         assert _rel(cv, rec[f"caffe_{blob}"]) <= 1e-5, blob
         assert _rel(_numpy_forward(back, inputs, blob), rec[f"caffe_{blob}"]) <= 1e-5, blob
+
+
+def test_written_net_does_not_alias_the_live_module() -> None:
+    """The returned net's arrays are copies: training on does not change them."""
+    net = surgery.load(ROOT / "tests" / "data" / "import_torch_net.prototxt")
+    model = to_torch(net, missing="fill")
+    back, _ = weights_from_torch(model, net)
+    before = back.layer("conv1").params[0].data.copy()
+    with torch.no_grad():
+        model.get_parameter("conv1.weight").add_(1.0)
+    np.testing.assert_array_equal(back.layer("conv1").params[0].data, before)
+    assert not back.layer("conv1").params[0].data.flags.writeable

@@ -49,8 +49,8 @@ _PREFIXES = ("_orig_mod.", "module.")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().float().numpy()
+    if hasattr(value, "detach"):  # a torch tensor: a copy, never a view of live weights
+        return np.array(value.detach().cpu().float().numpy(), dtype=np.float32, copy=True)
     return np.asarray(value, dtype=np.float32)
 
 
