@@ -272,3 +272,65 @@ def test_apply_recipe_library_checks_too(recipe_dir: Path) -> None:
     with pytest.raises(SurgeryError, match="nested too deeply"):
         apply_recipe({"step": [{"op": "freeze", "layers": [[[[[[[[["x"]]]]]]]]]}]}, net,
                      write=False)
+
+
+# -- item 2 through the CLI: a failing second write leaves no first file --------------------------
+_PAIR_VERBS = {
+    "rename-heads": ["rename-heads", "N", "--weights", "W", "--num-output", "5", "--layer", "ip2"],
+    "fc-to-conv": ["fc-to-conv", "N", "--weights", "W"],
+    "upgrade": ["upgrade", "N", "--weights", "W"],
+    "insert-gate": ["insert-gate", "N", "--at", "conv1", "--weights", "W"],
+    "cut": ["cut", "N", "--at", "ip1", "--weights", "W"],
+}
+
+
+@pytest.mark.parametrize("verb", list(_PAIR_VERBS))
+def test_failing_caffemodel_write_leaves_no_prototxt(
+    tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    from surgery import _wire
+
+    def disk_full(path, *args, **kwargs):  # half the caffemodel, then the disk is full
+        with _atomic.outputs() as out:
+            out.file(path).write_bytes(b"\x00" * 4096)
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_wire, "write_caffemodel", disk_full)
+    net, weights = lenet
+    argv = [{"N": str(net), "W": str(weights)}.get(a, a) for a in _PAIR_VERBS[verb]]
+    before = _snapshot(tmp_path)
+    assert main([*argv, "-o", str(tmp_path / "o.prototxt"), "--out-weights",
+                 str(tmp_path / "o.caffemodel")]) == 2
+    _one_line_error(capsys, "o.caffemodel: cannot write: No space left on device")
+    assert _snapshot(tmp_path) == before
+
+
+def test_transplant_report_that_cannot_be_written_leaves_no_caffemodel(
+    tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    net, weights = lenet
+    (tmp_path / "r.json").mkdir()  # the second output cannot be written
+    before = _snapshot(tmp_path)
+    assert main(["transplant", str(net), "--from", str(weights), "-o",
+                 str(tmp_path / "o.caffemodel"), "--report", str(tmp_path / "r.json")]) == 2
+    _one_line_error(capsys, "r.json: cannot write: it is a folder")
+    assert _snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["net.prototxt", "weights.caffemodel", "r.json"])
+
+
+def test_apply_failing_caffemodel_write_leaves_no_prototxt(
+    recipe_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from surgery import _wire
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_wire, "write_caffemodel", disk_full)
+    p = _recipe(recipe_dir, 'output = "o.prototxt"\nout_weights = "o.caffemodel"')
+    before = _snapshot(recipe_dir)
+    assert main(["apply", str(p)]) == 2
+    _one_line_error(capsys, "No space left on device")
+    assert _snapshot(recipe_dir) == before
