@@ -258,6 +258,10 @@ def test_cli_import_torch_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
                  "-o", str(w)]) == 2
     err = capsys.readouterr().err
     assert "cannot be written back" in err and "conv1.bias" in err
+    assert main(["import-torch", str(tmp_path / "exp"), "-o",
+                 str(tmp_path / "exp" / "weights.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite the input" in err and "--in-place" not in err
     (tmp_path / "exp" / "net.prototxt").unlink()
     assert main(["import-torch", str(tmp_path / "exp"), "-o", str(w)]) == 2
     assert "--net" in capsys.readouterr().err

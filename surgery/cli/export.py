@@ -112,8 +112,13 @@ def cmd_import_torch(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise CliError(f"{args.folder}: no such folder (give the folder `surgery export torch` "
                        "wrote)")
-    ensure_output([args.state_dict, args.net, args.weights,
-                   folder / "weights.safetensors"], args.output)
+    sources = [args.state_dict, args.net, args.weights, folder / "weights.safetensors",
+               folder / "net.prototxt", folder / "caffe_names.json"]
+    for src in sources:  # this verb has no --in-place
+        if src is not None and Path(src).resolve() == Path(args.output).resolve():
+            raise CliError(f"-o {args.output} would overwrite the input {src}; choose another "
+                           "path")
+    ensure_output(sources, args.output)
     net, state, names = read_torch_dir(folder, args.state_dict, args.net)
     if args.weights is not None:  # the layers the export left out keep these weights
         net = load(args.net or folder / "net.prototxt", args.weights)
