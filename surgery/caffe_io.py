@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
-from . import _atomic, _wire
+from . import _atomic, _unknown_fields, _wire
 from ._proto import caffe_pb2
 from .errors import NetError, ParseError, SurgeryError
 from .layers import _is_repeated, param_field_for
-from .net import Layer, Net, Param, Rule, freeze_array
+from .net import Layer, Net, Param, Rule, Verbatim, freeze_array
 
 __all__ = [
     "load",
@@ -261,7 +261,18 @@ def read_net_param(path: PathLike) -> Any:
     return _parse_text_file(path, caffe_pb2.NetParameter())
 
 
-def _parse_text_file(path: PathLike, msg: Any, allow_unknown_field: bool = False) -> Any:
+def _parse_text_file(
+    path: PathLike,
+    msg: Any,
+    allow_unknown_field: bool = False,
+    verbatim: list[_unknown_fields.Unknown] | None = None,
+) -> Any:
+    """Parse a text proto file into ``msg``.
+
+    With ``verbatim`` (a list), a definition that sets fields our schema does not know is
+    parsed without them, and each is appended to ``verbatim`` as written (see
+    :mod:`surgery._unknown_fields`); otherwise such a field is a :class:`ParseError`.
+    """
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -277,8 +288,18 @@ def _parse_text_file(path: PathLike, msg: Any, allow_unknown_field: bool = False
     except UnicodeDecodeError as exc:
         raise ParseError(f"{p}: not UTF-8 text at byte {exc.start}; is this a .prototxt?") from None
     try:
-        text_format.Parse(text, msg, allow_unknown_extension=False,
-                          allow_unknown_field=allow_unknown_field)
+        try:
+            text_format.Parse(text, msg, allow_unknown_extension=False,
+                              allow_unknown_field=allow_unknown_field)
+        except text_format.ParseError as exc:
+            if verbatim is None or "has no field named" not in str(exc):
+                raise
+            clean, found = _unknown_fields.split_unknown(text, msg.DESCRIPTOR)
+            if not found:
+                raise
+            msg.Clear()
+            text_format.Parse(clean, msg, allow_unknown_extension=False)
+            verbatim.extend(found)
     except text_format.ParseError as exc:
         line = getattr(exc, "GetLine", lambda: None)()
         col = getattr(exc, "GetColumn", lambda: None)()
@@ -455,8 +476,27 @@ def net_to_proto(net: Net, *, with_blobs: bool = False) -> Any:
 
 
 def net_to_text(net: Net) -> str:
-    """The ``.prototxt`` text for ``net`` (protobuf's own text format, as Caffe reads it)."""
-    return text_format.MessageToString(net_to_proto(net))
+    """The ``.prototxt`` text for ``net`` (protobuf's own text format, as Caffe reads it).
+
+    Fields our schema does not know (:attr:`Layer.verbatim`, :attr:`Net.verbatim`) are
+    written back as they were read, at the end of the block that held them.
+    """
+    msg = net_to_proto(net)
+    if not net.verbatim and not any(lay.verbatim for lay in net.layers):
+        return text_format.MessageToString(msg)
+    layers = list(msg.layer)
+    msg.ClearField("layer")
+    head = text_format.MessageToString(msg)
+    if net.verbatim:
+        head = _unknown_fields.insert_unknown(head, [(v.path, v.text) for v in net.verbatim], 0)
+    parts = [head]
+    for layer, lp in zip(net.layers, layers, strict=True):
+        body = text_format.MessageToString(lp, indent=2)
+        if layer.verbatim:
+            body = _unknown_fields.insert_unknown(
+                body, [(v.path, v.text) for v in layer.verbatim], 2)
+        parts.append("layer {\n" + body + "}\n")
+    return "".join(parts)
 
 
 # -- weights ----------------------------------------------------------------------------------
@@ -599,17 +639,44 @@ def load(
     """
     from .upgrade import upgrade_net
 
-    msg = read_net_param(prototxt)
+    unknown: list[_unknown_fields.Unknown] = []
+    msg = _parse_text_file(prototxt, caffe_pb2.NetParameter(), verbatim=unknown)
+    names = [lp.name for lp in msg.layer]
     try:
         notes = upgrade_net(msg, str(prototxt))
     except ValueError as exc:
         raise ParseError(f"{prototxt}: {exc}") from None
     net = net_from_proto(msg, str(prototxt), notes)
+    if unknown:
+        _attach_verbatim(net, names, unknown, str(prototxt))
     if weights is not None:
         wf = read_weights(weights, progress=progress)
         net.weight_report = attach_weights(net, wf)  # type: ignore[attr-defined]
         net.weights_source = str(weights)
     return net
+
+
+def _attach_verbatim(net: Net, names: list[str], unknown: list[_unknown_fields.Unknown],
+                     source: str) -> None:
+    """Give each layer (matched by name and occurrence, which upgrades keep) the fields our
+    schema does not know, as written."""
+    by_key: dict[tuple[str, int], Layer] = {}
+    count: dict[str, int] = {}
+    for layer in net.layers:
+        n = count.get(layer.name, 0)
+        count[layer.name] = n + 1
+        by_key[(layer.name, n)] = layer
+    for u in unknown:
+        v = Verbatim(u.path, u.name, u.text, f"{source}:{u.line}")
+        if u.layer is None:
+            net.verbatim.append(v)
+            continue
+        name = names[u.layer]
+        layer = by_key.get((name, names[: u.layer].count(name)))
+        if layer is None:  # pragma: no cover - upgrades keep V2 layers and their names
+            raise ParseError(f"{v.where}: field {u.name!r} is not in the schema (layer "
+                             f"{name!r} could not be matched after the upgrade)")
+        layer.verbatim.append(v)
 
 
 def read_weights(

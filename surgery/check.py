@@ -10,6 +10,8 @@ Cases (each problem names the layer and says how to fix it):
 5. Shapes that cannot be computed (mismatched Eltwise/Concat bottoms, kernel larger than the
    input...), and loaded weights whose shape differs from what the definition implies.
 6. Two layers with the same name in one phase (weights are matched by name).
+7. Fields our schema does not know (a fork's), kept verbatim: a warning each, since what
+   they mean is unknown (exports refuse the layer; see :func:`verbatim_problems`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .dataflow import resolve
 from .errors import NetError, SurgeryError
 from .net import Net, NetState
 
-__all__ = ["Problem", "check", "assert_valid", "inference_problems"]
+__all__ = ["Problem", "check", "assert_valid", "inference_problems", "verbatim_problems"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def check(net: Net, states: tuple[NetState, ...] | None = None) -> list[Problem]
     """
     from .shapes import infer  # local: keeps `import surgery.check` light
 
-    problems: list[Problem] = []
+    problems: list[Problem] = verbatim_problems(net)  # case 7
     both_rules = False
     for lay in net.layers:  # case 1
         if lay.include and lay.exclude:
@@ -163,6 +165,25 @@ def inference_problems(net: Net) -> dict[str, str]:
             infer(flow, start, check_weights=False)
         except SurgeryError as exc:
             out[phase] = str(exc)
+    return out
+
+
+def verbatim_problems(net: Net) -> list[Problem]:
+    """One warning per field our schema does not know (:attr:`~surgery.net.Layer.verbatim`):
+    kept as written, written back unchanged, never interpreted."""
+    out = [
+        Problem("warning", None, f"net-level field {v.dotted!r} ({v.where}) is not in our schema "
+                "(a Caffe fork's?): kept verbatim and written back unchanged")
+        for v in net.verbatim
+    ]
+    for lay in net.layers:
+        for v in lay.verbatim:
+            out.append(Problem(
+                "warning", lay.name,
+                f"field {v.dotted!r} ({v.where}) is not in our schema (a Caffe fork's?): kept "
+                "verbatim and written back unchanged; exports refuse this layer, whose meaning "
+                "it may change (data layers are not exported)",
+            ))
     return out
 
 

@@ -92,6 +92,7 @@ PARAM_FIELD: dict[str, str] = {
     "MultiBoxLoss": "multibox_loss_param",
     "DetectionEvaluate": "detection_evaluate_param",
     "Upsample": "upsample_param",
+    "ImageSegData": "image_data_param",
     "Interp": "interp_param",
     "ShuffleChannel": "shuffle_channel_param",
     "ROIPooling": "roi_pooling_param",
@@ -134,6 +135,8 @@ DATA_TYPES = frozenset(
         "AnnotatedData",
         "VideoData",
         "Python",
+        "DenseImageData",  # SegNet: image + label image
+        "ImageSegData",  # DeepLab v2 / PSPNet training fork: image + label image
     }
 )
 # Types whose learnable blobs are defined by Caffe (others may still carry blobs in a file).

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import LayerNotFoundError, NetError, did_you_mean
 
-__all__ = ["Param", "Rule", "NetState", "Layer", "Net", "freeze_array"]
+__all__ = ["Param", "Rule", "NetState", "Layer", "Net", "Verbatim", "freeze_array"]
 
 
 def freeze_array(a: Any) -> np.ndarray:
@@ -112,6 +112,30 @@ class NetState:
         object.__setattr__(self, "stages", tuple(self.stages))
 
 
+@dataclass(frozen=True)
+class Verbatim:
+    """A field the definition set that our schema does not know (a fork's), kept as written.
+
+    Attributes:
+        path: the known message fields leading to it inside its layer, each with its
+            occurrence (``(("transform_param", 0),)``); empty for a field of the layer itself
+            (or of the net).
+        name: the field's name.
+        text: the field as written (name, value or ``{ }`` block), from column 0.
+        where: ``FILE:LINE`` it came from.
+    """
+
+    path: tuple[tuple[str, int], ...]
+    name: str
+    text: str
+    where: str = ""
+
+    @property
+    def dotted(self) -> str:
+        """``transform_param.scale_factors``."""
+        return ".".join([*(p for p, _ in self.path), self.name])
+
+
 @dataclass
 class Layer:
     """One Caffe layer.
@@ -130,6 +154,8 @@ class Layer:
         exclude: ``exclude { }`` rules.
         extra: every other ``LayerParameter`` field the file set (``loss_weight``,
             ``propagate_down``, ``transform_param``, fork fields, ...), written back untouched.
+        verbatim: fields our schema does not know, kept as written and written back at the
+            same place; exports refuse a layer that has any (its meaning is unknown).
     """
 
     name: str
@@ -142,6 +168,7 @@ class Layer:
     include: list[Rule] = field(default_factory=list)
     exclude: list[Rule] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    verbatim: list[Verbatim] = field(default_factory=list)
 
     @property
     def blobs(self) -> list[np.ndarray | None]:
@@ -173,6 +200,7 @@ class Layer:
         new.include = _copy.deepcopy(self.include)
         new.exclude = _copy.deepcopy(self.exclude)
         new.extra = _copy.deepcopy(self.extra)
+        new.verbatim = list(self.verbatim)
         return new
 
 
@@ -186,6 +214,7 @@ class Net:
         source: the file it was read from, for messages.
         upgrades: notes on the legacy upgrades applied when reading.
         weights_source: the caffemodel the weights came from, if any.
+        verbatim: net-level fields our schema does not know, kept as written.
     """
 
     def __init__(
@@ -202,6 +231,7 @@ class Net:
         self.extra: dict[str, Any] = dict(extra or {})
         self.source = source
         self.upgrades: list[str] = list(upgrades or [])
+        self.verbatim: list[Verbatim] = []
         self.weights_source = weights_source
 
     def __repr__(self) -> str:
@@ -279,7 +309,7 @@ class Net:
     # -- editing primitives -------------------------------------------------------------------
     def copy(self) -> Net:
         """A structural copy; weight arrays are shared (they are read-only)."""
-        return Net(
+        new = Net(
             self.name,
             [lay.copy() for lay in self.layers],
             _copy.deepcopy(self.extra),
@@ -287,6 +317,8 @@ class Net:
             list(self.upgrades),
             self.weights_source,
         )
+        new.verbatim = list(self.verbatim)
+        return new
 
     def _check_new_name(self, layer: Layer) -> None:
         if self.layers_named(layer.name):

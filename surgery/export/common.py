@@ -591,8 +591,18 @@ def loss_facts(layer: Layer) -> tuple[int | None, str]:
 
     Caffe's rule: ``normalization`` when written; else the legacy ``normalize`` bool (true:
     VALID, false: BATCH_SIZE); else VALID for SoftmaxWithLoss and BATCH_SIZE otherwise.
+
+    Raises:
+        UnsupportedLayerError: SegNet's class-weighted loss (``weight_by_label_freqs``,
+            ``class_weighting``), which no lowering computes.
     """
     lp = layer.extra.get("loss_param", {}) or {}
+    if lp.get("weight_by_label_freqs") or lp.get("class_weighting"):
+        raise UnsupportedLayerError(
+            f"layer {layer.name!r} ({layer.type}): SegNet's class-weighted loss "
+            "(loss_param weight_by_label_freqs/class_weighting) is not lowered; export in TEST "
+            "(losses dropped) or remove the weighting"
+        )
     ignore = lp.get("ignore_label")
     if "normalization" in lp:
         norm = str(lp["normalization"])
@@ -721,7 +731,9 @@ def plan(
        dropped and its bottoms (``mbox_loc``, ``mbox_conf_flatten``, ``mbox_priorbox``)
        become outputs.
     5. Layers whose type is not in ``supported`` are collected, and one
-       :class:`UnsupportedLayerError` names them all before anything is lowered.
+       :class:`UnsupportedLayerError` names them all before anything is lowered; so are
+       layers that set fields our schema does not know (:attr:`Layer.verbatim`: a fork's
+       field may change what the layer computes).
     6. Outputs are Caffe's: values produced by lowered nodes and not consumed by a later
        lowered node (in-place versions included), plus the cut bottoms of rule 4.
     7. With ``outputs`` (blob names), those are the outputs instead: each name means the blob's
@@ -763,6 +775,7 @@ def plan(
     sources: list[Node] = []
     cut_outputs: list[Value] = []
     unsupported: list[Node] = []
+    unknown_fields: list[Node] = []
     for node in flow.nodes:
         layer = node.layer
         if needed is not None and id(node) not in needed:
@@ -787,7 +800,26 @@ def plan(
         if layer.type not in supported:
             unsupported.append(node)
             continue
+        if layer.verbatim:
+            unknown_fields.append(node)
+            continue
         nodes.append(node)
+    if unknown_fields:
+        listed = "; ".join(
+            f"{n.layer.name!r} ({n.layer.type}): "
+            + ", ".join(f"{v.dotted} ({v.where})" for v in n.layer.verbatim)
+            for n in unknown_fields
+        )
+        what = (f"{len(unknown_fields)} layer(s) set fields our schema does not know, so what "
+                f"they compute is unknown: {listed}")
+        if unsupported:
+            what += "; and " + ", ".join(f"{n.layer.name!r} ({n.layer.type})"
+                                         for n in unsupported) + " have unsupported types"
+        raise UnsupportedLayerError(
+            f"cannot export{' ' + net.source if net.source else ''} in {state.phase}: {what}. "
+            "Remove those fields if they do not change the result, or export the part of the "
+            "net before these layers."
+        )
     if unsupported:
         listed = ", ".join(f"{n.layer.name!r} ({n.layer.type})" for n in unsupported)
         types = sorted({n.layer.type for n in unsupported})
