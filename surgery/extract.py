@@ -7,9 +7,9 @@ samples stacked. Values are Caffe's, blob by blob: a blob rewritten by an in-pla
 read after it (``fc7`` after ``relu7``), as ``extract_features`` reads it after the forward
 pass; ``<blob>@<layer>`` names an earlier version.
 
-Inputs are arrays (``.npy`` for a one-input net, ``.npz`` with one array per input name).
-:func:`load_inputs` is the hook for other sources: a folder of images is read with the net's
-own preprocessing when :mod:`surgery.data` provides it, else refused with the reason.
+Inputs are arrays (``.npy`` for a one-input net, ``.npz`` with one array per input name) or a
+folder of images, read and preprocessed as the net's own data layer does (Caffe's
+``DataTransformer`` from :mod:`surgery.data.transform`): :func:`load_inputs`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def load_inputs(
     name; one array for a one-input net may have any name) or a folder of images.
 
     Raises:
-        SurgeryError: unreadable file, missing input, or a folder while :mod:`surgery.data`
-            offers no image transform.
+        SurgeryError: unreadable file or image, missing input, or a folder for a net without
+            a data layer to take the preprocessing from.
     """
     from .verify import net_input_shapes
 
@@ -68,20 +68,81 @@ def load_inputs(
     return {n: arrays[n] for n in names}
 
 
-def _images(folder: Path, net: Net, phase: str, names: list[str]) -> dict[str, np.ndarray]:
-    """A folder of images, preprocessed as the net's data layer would (surgery.data)."""
-    try:
-        from .data import transform  # type: ignore[attr-defined]  # issue 9's data layers
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
-        read_folder = transform.images_for_net
-    except (ImportError, AttributeError):
+
+def _images(folder: Path, net: Net, phase: str, names: list[str]) -> dict[str, np.ndarray]:
+    """A folder of images, preprocessed as the net's own data layer does.
+
+    Rules:
+
+    1. The preprocessing is the ``transform_param`` of the ``phase`` net's data layer whose
+       first top is the net's input (a train_val definition; a deploy net has none and is
+       refused): Caffe's ``DataTransformer`` (:class:`surgery.data.transform.Transformer`,
+       TEST: centre crop, no mirror unless the layer mirrors), mean file or values, scale.
+    2. Images are the folder's files with an image suffix, in name order, read by OpenCV as
+       Caffe reads them: BGR (grey with ``is_color: false`` or ``force_gray``), 0-255.
+    3. Size before the transform: ImageData's ``new_height``/``new_width``; else the mean
+       file's size (the size of the images the mean was computed on); else as read.
+    """
+    try:
+        from .data.mean import read_mean
+        from .data.source import resolve_path
+        from .data.transform import Transformer, TransformParam
+    except ImportError as exc:  # pragma: no cover - an install without surgery.data
         raise SurgeryError(
             f"{folder} is a folder: reading images with the net's own preprocessing needs "
-            "surgery.data (Caffe's DataTransformer), which this version does not have yet; "
-            "preprocess the images yourself (BGR, 0-255, mean subtracted, as the net expects) "
-            "and pass them as X.npy / X.npz"
+            f"surgery.data ({exc}); preprocess the images yourself and pass X.npy / X.npz"
         ) from None
-    return read_folder(folder, net, phase, names)  # pragma: no cover
+    from .dataflow import resolve
+    from .layers import is_data
+    from .net import NetState
+
+    flow = resolve(net, NetState(phase))
+    layer = next((n.layer for n in flow.nodes if is_data(n.layer) and n.layer.tops
+                  and n.layer.tops[0] in names and n.layer.type in ("Data", "ImageData")),
+                 None)
+    if layer is None:
+        raise SurgeryError(
+            f"{folder} is a folder of images, but {net.source or 'the net'} has no Data or "
+            f"ImageData layer in {phase} to take the preprocessing from (crop, mean, scale); "
+            "pass the train_val definition (same layer names, so the same weights), or "
+            "preprocess the images yourself (BGR, 0-255, mean subtracted) into X.npy / X.npz"
+        )
+    where = f"{net.source or 'net'}: layer {layer.name!r} ({layer.type}): "
+    param = TransformParam.from_dict(layer.extra.get("transform_param"), where)
+    mean = None
+    if param.mean_file is not None:
+        r = resolve_path(param.mean_file, "transform_param.mean_file", net_source=net.source,
+                         where=where, must_be="file")
+        mean = read_mean(r.path)
+    transform = Transformer(param, phase, mean=mean, where=where)
+    opts = layer.attrs if layer.type == "ImageData" else {}
+    grey = param.force_gray or not bool(opts.get("is_color", True))
+    size = (int(opts.get("new_height", 0)), int(opts.get("new_width", 0)))
+    if not all(size) and mean is not None:
+        size = (int(mean.shape[1]), int(mean.shape[2]))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise SurgeryError(f"{folder}: no image files ({', '.join(_IMAGE_SUFFIXES)})")
+    import cv2
+
+    rng = np.random.default_rng(0)  # only used when the layer mirrors
+    out = []
+    for f in files:
+        img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+        if img is None:
+            raise SurgeryError(f"{f}: cannot decode the image")
+        if all(size) and img.shape[:2] != size:
+            img = cv2.resize(img, (size[1], size[0]))
+        chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
+        out.append(transform(chw, rng if transform.random else None, item=str(f)))
+    try:
+        return {layer.tops[0]: np.stack(out)}
+    except ValueError:
+        raise SurgeryError(f"{folder}: the images have different sizes after the transform "
+                           f"({sorted({o.shape for o in out})}); set crop_size or resize "
+                           "them") from None
 
 
 def extract_features(

@@ -120,6 +120,54 @@ def test_extract_bad_input(what: str, tmp_path: Path,
     out = tmp_path / "f.npz"
     assert main(["extract", NET, "--weights", WEIGHTS, "-o", str(out), *argv]) == 2
     err = capsys.readouterr().err
-    assert {"folder": "surgery.data", "blob": "fc7", "batch": "--batch",
+    assert {"folder": "no Data or ImageData layer", "blob": "fc7", "batch": "--batch",
             "axes": "axes"}[what] in err
     assert not out.exists()
+
+
+_IMAGE_TV = """
+layer { name: "data" type: "ImageData" top: "data" top: "label" include { phase: TEST }
+  transform_param { crop_size: 8 mean_value: 104 mean_value: 117 mean_value: 123 scale: 0.5 }
+  image_data_param { source: "val.txt" batch_size: 2 new_height: 10 new_width: 12 } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_extract_image_folder_with_the_nets_preprocessing(tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    from surgery.ops._common import fill_missing_weights
+
+    proto = tmp_path / "tv.prototxt"
+    proto.write_text(_IMAGE_TV)
+    net = surgery.load(proto)
+    fill_missing_weights(net, np.random.default_rng(0))
+    weights = tmp_path / "w.caffemodel"
+    surgery.save(net, weights=weights)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name, (h, w) in {"b.png": (10, 12), "a.png": (20, 15), "c.jpg": (7, 9)}.items():
+        cv2.imwrite(str(folder / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    # Caffe's ImageData + DataTransformer in TEST, by hand: resize to 12x10 (w x h), centre
+    # crop 8x8 (offsets 1, 2), subtract the BGR means, times the scale; files in name order
+    want = []
+    for name in ("a.png", "b.png", "c.jpg"):
+        img = cv2.resize(cv2.imread(str(folder / name)), (12, 10)).astype(np.float32)
+        crop = img[1:9, 2:10] - np.float32([104, 117, 123])
+        want.append((crop * np.float32(0.5)).transpose(2, 0, 1))
+    np.save(tmp_path / "x.npy", np.stack(want))
+    a, b = tmp_path / "from_folder.npz", tmp_path / "from_npy.npz"
+    assert main(["extract", str(proto), "--weights", str(weights), "--blobs", "fc,data",
+                 "--input", str(folder), "-o", str(a)]) == 0
+    assert main(["extract", str(proto), "--weights", str(weights), "--blobs", "fc",
+                 "--input", str(tmp_path / "x.npy"), "-o", str(b)]) == 0
+    with np.load(a) as za, np.load(b) as zb:
+        assert za["data"].shape == (3, 3, 8, 8)
+        np.testing.assert_array_equal(za["data"], np.stack(want))
+        np.testing.assert_array_equal(za["fc"], zb["fc"])
