@@ -14,6 +14,7 @@ How to use it (the whole API)::
             f.write(blob)
         d = out.folder("model_dir")           # a temporary folder beside the target: fill it
         (d / "model.py").write_text(src)
+        out.remove("old_companion.data")      # removed at the commit, with the renames
     # leaving the block without an exception renames every temporary onto its target
 
 Rules:
@@ -219,6 +220,7 @@ class Outputs:
         # target (absolute) -> (temporary, is_folder, replace)
         self._items: dict[str, tuple[str, bool, bool]] = {}
         self._scratch: list[str] = []
+        self._removals: list[str] = []
         self._cleaned: set[str] = set()
         self.committed = False
 
@@ -298,6 +300,21 @@ class Outputs:
         """
         return self._reserve(target, folder=True, replace=replace)
 
+    def remove(self, target: PathLike) -> None:
+        """Remove the file ``target`` at the commit, as part of the set (an obsolete companion
+        of a replaced output, such as the ONNX ``.data`` file the old model used).
+
+        Raises:
+            SurgeryError: ``target`` is also an output of this set, or is a folder.
+        """
+        path = os.path.abspath(os.fspath(target))
+        if path in self._items:
+            raise SurgeryError(f"{os.fspath(target)}: both written and removed")
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise _cannot(target, "it is a folder")
+        if path not in self._removals:
+            self._removals.append(path)
+
     def scratch(self, beside: PathLike) -> Path:
         """A temporary folder beside ``beside``, removed when the transaction ends either way.
 
@@ -343,6 +360,7 @@ class Outputs:
                 _remove(tmp)
             self._items.clear()
             self._scratch.clear()
+            self._removals.clear()
         finally:
             _unblock_signals(masked)
 
@@ -364,6 +382,16 @@ class Outputs:
         masked = _block_signals()
         done: list[tuple[str, str | None, str]] = []  # (target, backup of the old one, tmp)
         try:
+            for target in self._removals:
+                if target in self._items or not os.path.lexists(target):
+                    continue
+                backup = self._new_name(*os.path.split(target))
+                try:
+                    os.rename(target, backup)
+                except OSError as exc:
+                    self._rollback(done)
+                    raise _cannot(target, exc) from None
+                done.append((target, backup, backup))
             for target, (tmp, folder, _) in self._items.items():
                 try:
                     done.append(self._install(target, tmp, folder))
@@ -377,6 +405,7 @@ class Outputs:
                     _remove(backup)
             self.committed = True
             self._items.clear()
+            self._removals.clear()
         finally:
             _unblock_signals(masked)
 

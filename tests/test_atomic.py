@@ -198,3 +198,28 @@ def test_signal_before_commit_cleans_up(tmp_path: Path, sig: int, code: int) -> 
     assert proc.returncode == code, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.caffemodel", "n.prototxt"]
+
+
+def test_remove_is_part_of_the_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, gone = tmp_path / "a", tmp_path / "a.data"
+    gone.write_text("old companion")
+    with _atomic.outputs() as out:
+        out.write_text(a, "new")
+        out.remove(gone)
+        assert gone.exists()  # only at the commit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    gone.write_text("old companion")
+    real = os.replace
+
+    def fail_last(src, dst):  # the removal went through; a later rename fails
+        if os.fspath(dst) == str(tmp_path / "b"):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_last)
+    with pytest.raises(SurgeryError, match="b: cannot write"), _atomic.outputs() as out:
+        out.remove(gone)
+        out.write_text(a, "newer")
+        out.write_text(tmp_path / "b", "b")
+    assert gone.read_text() == "old companion" and a.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.data"]

@@ -334,3 +334,19 @@ def test_apply_failing_caffemodel_write_leaves_no_prototxt(
     assert main(["apply", str(p)]) == 2
     _one_line_error(capsys, "No space left on device")
     assert _snapshot(recipe_dir) == before
+
+
+def test_export_onnx_removes_only_its_own_obsolete_data_file(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from surgery.caffe_io import load
+    from surgery.export.onnx import save_onnx
+
+    net = load(LENET / "net.prototxt", LENET / "weights.caffemodel")
+    out, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    save_onnx(net, out, external_threshold=1024)  # a big model: weights in m.onnx.data
+    assert data.is_file()
+    save_onnx(net, out)  # now small: the old model's data file goes with it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    data.write_bytes(b"someone else's file")  # not used by m.onnx: kept
+    save_onnx(net, out)
+    assert data.read_bytes() == b"someone else's file"

@@ -1207,7 +1207,8 @@ def save_onnx(
     A model whose initializers exceed ``external_threshold`` bytes (default: just under
     protobuf's 2 GiB message limit) keeps them in ``<path>.data`` beside it (ONNX external
     data). Both files are written and checked in a hidden folder beside ``path`` and only then
-    moved into place, so a failure leaves an existing model and its data untouched.
+    moved into place, so a failure leaves an existing model and its data untouched. A
+    ``.data`` file that the replaced model used and the new one does not is removed with it.
 
     Returns:
         The model (its initializers point to the external file when one was written).
@@ -1243,12 +1244,24 @@ def save_onnx(
             else:
                 onnx.checker.check_model(model, full_check=True)
                 onnx.save_model(model, str(tmp))
+                if _uses_data_file(out, data.name):  # the model replaced kept its weights there
+                    tx.remove(data)
             os.replace(tmp, tx.file(out))
     except OSError as exc:
         raise SurgeryError(f"{path}: cannot write: {exc.strerror or exc}") from None
     except onnx.checker.ValidationError as exc:
         raise SurgeryError(f"{path}: the ONNX checker refused the export: {exc}") from None
     return model
+
+
+def _uses_data_file(model_path: Path, location: str) -> bool:
+    """Whether the ONNX file ``model_path`` keeps tensors in the external file ``location``."""
+    try:
+        old = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # no model there, or not one we can read: leave its neighbours alone
+        return False
+    return any(e.key == "location" and e.value == location
+               for t in old.graph.initializer for e in t.external_data)
 
 
 # -- running -----------------------------------------------------------------------------------
