@@ -200,3 +200,35 @@ def test_export_fill_missing(target, partial, tmp_path, capsys):
     rep = json.loads(text)
     assert rc == 0 and rep["notes"][0].startswith("--fill-missing: 1 layer(s)")
     assert "(seed 2): c" in rep["notes"][0]
+
+
+DATA_NET = """
+layer { name: "data" type: "Data" top: "data" top: "label"
+        data_param { source: "nowhere" batch_size: 2 backend: LMDB } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
+        inner_product_param { num_output: 2 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_input_shape_for_init_and_insert_ops(tmp_path, capsys):
+    # a Data layer without crop_size: no verb can tell H and W; --input-shape says them
+    p = tmp_path / "d.prototxt"
+    p.write_text(DATA_NET)
+    w = tmp_path / "w.caffemodel"
+    rc, _, err = _run(capsys, "init", p, "-o", w)
+    assert rc == 2 and "'conv'" in err and "--input-shape" in err
+    rc, _, _ = _run(capsys, "init", p, "-o", w, "--input-shape", "data=2,3,8,8")
+    assert rc == 0
+    assert caffe_io.load(p, w).layer("fc").params[0].data.shape == (2, 4 * 6 * 6)
+    out = tmp_path / "g.prototxt"
+    rc, _, err = _run(capsys, "insert-gate", p, "-o", out, "--at", "conv")
+    assert rc == 2 and "--input-shape" in err
+    rc, _, _ = _run(capsys, "insert-gate", p, "-o", out, "--at", "conv", "--input-shape",
+                    "data=2,3,8,8")
+    assert rc == 0 and caffe_io.load(out).layer("fc").bottoms == ["conv_gated"]
+    rc, _, _ = _run(capsys, "insert-eltwise", out, "-o", out, "--in-place", "--bottoms",
+                    "conv_gated", "conv", "--input-shape", "2,3,8,8")
+    assert rc == 0 and caffe_io.load(out).layer("fc").bottoms == ["conv_gated_prod"]

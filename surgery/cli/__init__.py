@@ -255,7 +255,8 @@ def weights_coverage(args: argparse.Namespace, net: Any, report: Any) -> Any:
         return net
     shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
     if fill:
-        net, drawn = init_weights(net, seed=getattr(args, "seed", None))
+        shapes = input_shapes(net, getattr(args, "input_shape", None))
+        net, drawn = init_weights(net, seed=getattr(args, "seed", None), input_shapes=shapes)
         report.left[:] = [e for e in report.left if e.get("layer") not in missing]
         for c in drawn.changed:
             report.change(c["layer"], "--fill-missing: " + c["what"])

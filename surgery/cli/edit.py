@@ -12,8 +12,10 @@ from typing import Any
 from . import (
     CliError,
     add_fill_missing,
+    add_input_shape_option,
     emit,
     ensure_output,
+    input_shapes,
     load_for_edit,
     refuse_new_problems,
     weights_coverage,
@@ -197,7 +199,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise CliError(f"init: -o names the caffemodel to write (W.caffemodel); got {args.output}")
     ensure_output([args.net], args.output, args.in_place)
     net = load(args.net)
-    new, report = init_weights(net, seed=args.seed, all_layers=True)
+    new, report = init_weights(net, seed=args.seed, all_layers=True,
+                               input_shapes=input_shapes(net, args.input_shape))
     save(new, weights=args.output)
     data = report.as_dict()
     data["output"] = args.output
@@ -352,6 +355,7 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="W.caffemodel")
     p.add_argument("--seed", type=int, default=None,
                    help="seed (default: surgery.fillers.DEFAULT_SEED), reported")
+    add_input_shape_option(p)
     p.add_argument("--in-place", action="store_true", help="allow overwriting an input")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_init)

@@ -25,7 +25,8 @@ def _fill_missing(args: argparse.Namespace, net: Any) -> tuple[Any, list[str]]:
         return net, []
     from ..ops.init import init_weights
 
-    net, report = init_weights(net, seed=args.seed)
+    net, report = init_weights(net, seed=args.seed,
+                               input_shapes=input_shapes(net, args.input_shape))
     filled = report.data["filled"]
     if not filled:
         return net, ["--fill-missing: every learnable layer has weights"]

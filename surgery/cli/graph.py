@@ -53,7 +53,8 @@ def cmd_insert_eltwise(args: argparse.Namespace) -> int:
             raise CliError(f"--coeff must be C1,C2 (numbers); got {args.coeff!r}") from None
     net = load_for_edit(args, weights_need_output=True)
     new, report = insert_eltwise(net, args.bottoms, args.operation, coeff, args.name,
-                                 feed=args.feed, rewire=not args.no_rewire)
+                                 feed=args.feed, rewire=not args.no_rewire,
+                                 input_shapes=input_shapes(net, args.input_shape))
     return _save(args, new, report)
 
 
@@ -64,7 +65,8 @@ def cmd_insert_gate(args: argparse.Namespace) -> int:
     channels: int | str = 1 if args.channels == "1" else "same"
     new, report = insert_gate(net, args.at, channels, args.activation, args.init,
                               name=args.name, seed=args.seed, feed=args.feed,
-                              rewire=not args.no_rewire)
+                              rewire=not args.no_rewire,
+                              input_shapes=input_shapes(net, args.input_shape))
     return _save(args, new, report)
 
 
@@ -169,6 +171,7 @@ def register(sub: Any) -> None:
     p.add_argument("--coeff", help="C1,C2 (sum only)")
     p.add_argument("--name", help="name of the new layer and its top")
     _rewire_options(p)
+    add_input_shape_option(p)
     p.add_argument("--weights", help="IN.caffemodel (carried over; the new layers have none)")
     p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
     add_fill_missing(p, seed=True)
@@ -191,6 +194,7 @@ def register(sub: Any) -> None:
     p.add_argument("--init", default="random", choices=["random", "identity"])
     p.add_argument("--name", help="prefix of the new layers (default: LAYER)")
     _rewire_options(p)
+    add_input_shape_option(p)
     p.add_argument("--weights", help="IN.caffemodel")
     p.add_argument("--out-weights", help="OUT.caffemodel (needs --weights)")
     p.add_argument("--seed", type=int, default=None,

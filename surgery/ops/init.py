@@ -73,6 +73,7 @@ def init_weights(
     seed: int | None = None,
     rng: np.random.Generator | None = None,
     all_layers: bool = False,
+    input_shapes: dict[str, Any] | None = None,
 ) -> tuple[Net, Report]:
     """Draw weights for the learnable layers of ``net`` that have none, as Caffe would.
 
@@ -94,6 +95,8 @@ def init_weights(
         seed: the seed (default :data:`surgery.fillers.DEFAULT_SEED`), reported.
         rng: a generator instead of ``seed``.
         all_layers: redraw layers that already have weights too.
+        input_shapes: shapes of input/data tops by name (``--input-shape``); the others are
+            what ``surgery info`` infers (:func:`surgery.shapes.starting_shapes`).
 
     Returns:
         ``(new net, report)``; ``report.data["filled"]`` lists the layers drawn.
@@ -108,7 +111,7 @@ def init_weights(
     report.seed = used
     names = (list(dict.fromkeys(lay.name for lay in out.layers if C.learnable_count(lay) > 0))
              if all_layers else missing_weights(out))
-    cache = C._infos(out)
+    cache = C._infos(out, input_shapes)
     shared: dict[str, np.ndarray] = {}
     filled: list[str] = []
     for name in names:

@@ -63,9 +63,9 @@ class _Placed:
     shapes: dict[str, Any] = field(default_factory=dict)
 
 
-def _views(net: Net) -> dict[str, tuple[Dataflow, Any]]:
+def _views(net: Net, shapes: dict[str, Any] | None = None) -> dict[str, tuple[Dataflow, Any]]:
     """Per phase that resolves: (flow, ShapeInfo); a net Caffe would refuse raises."""
-    return {phase: infer_shapes(net, phase) for phase in flows(net)}
+    return {phase: infer_shapes(net, phase, shapes) for phase in flows(net)}
 
 
 def _shape(info: Any, value: Value) -> tuple[int, ...] | None:
@@ -93,8 +93,9 @@ def _tile_plan(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[str, int] | No
 _Active = dict[str, tuple[Dataflow, Any, Value, Value]]
 
 
-def _activate(net: Net, a_spec: str, b_spec: str, what: str) -> tuple[dict[str, Any], _Active]:
-    views = _views(net)
+def _activate(net: Net, a_spec: str, b_spec: str, what: str,
+              shapes: dict[str, Any] | None = None) -> tuple[dict[str, Any], _Active]:
+    views = _views(net, shapes)
     active: _Active = {}
     for phase, (flow, info) in views.items():
         va, vb = _resolve_edge(flow, net, a_spec), _resolve_edge(flow, net, b_spec)
@@ -220,16 +221,17 @@ def _hoist_producers(net: Net, active: _Active, chosen: dict[str, list[tuple[Nod
 
 def _place_eltwise(net: Net, a_spec: str, b_spec: str, operation: str, coeff: list[float] | None,
                    name: str | None, tile_name: str | None, what: str,
-                   feed: list[str] | None = None, rewire_: bool = True) -> _Placed:
+                   feed: list[str] | None = None, rewire_: bool = True,
+                   input_shapes: dict[str, Any] | None = None) -> _Placed:
     """Rules 1-7 of :func:`insert_eltwise`, applied in place to ``net`` (the op's own copy)."""
-    views, active = _activate(net, a_spec, b_spec, what)
+    views, active = _activate(net, a_spec, b_spec, what, input_shapes)
     tiled, shapes = _plan_tile(active, a_spec, b_spec, what)
     feature = "b" if tiled is not None and tiled[0] == "a" else "a"
     chosen, kept = _choose(active, feature, feed, rewire_, what)
     moved = _hoist_producers(net, active, chosen, what)
     if moved:  # the file order changed: resolve again (values are named by layer + top)
         specs = [f"{v.producer.layer.name}:{v.top_index}" for v in next(iter(active.values()))[2:]]
-        views, active = _activate(net, specs[0], specs[1], what)
+        views, active = _activate(net, specs[0], specs[1], what, input_shapes)
         chosen, kept = _choose(active, feature, feed, rewire_, what)
     # rule 1: after both producers, in every phase
     position = 1 + max(
@@ -369,6 +371,7 @@ def insert_eltwise(
     *,
     feed: list[str] | tuple[str, ...] | None = None,
     rewire: bool = True,
+    input_shapes: dict[str, Any] | None = None,
 ) -> tuple[Net, Report]:
     """Add an ``Eltwise`` layer on two values and send the product to the next layers.
 
@@ -411,6 +414,8 @@ def insert_eltwise(
         name: the new layer's name.
         feed: the consumers to take over (rule 5); default: all that can.
         rewire: False to take over no consumer (rule 5).
+        input_shapes: shapes of input/data tops by name; the others are what ``surgery info``
+            infers (:func:`surgery.shapes.starting_shapes`).
 
     Returns:
         ``(new net, report)``; ``report.data`` holds ``eltwise``, ``tile``, ``feature``,
@@ -437,7 +442,7 @@ def insert_eltwise(
             raise NetError(f"coeff needs one value per bottom (2), got {len(coeff)}: {coeff}")
     out = net.copy()
     placed = _place_eltwise(out, bottoms[0], bottoms[1], op, list(coeff or []) or None, name,
-                            None, "insert_eltwise", _feed(feed), rewire)
+                            None, "insert_eltwise", _feed(feed), rewire, input_shapes)
     report = Report("insert_eltwise")
     report.change(placed.eltwise, f"new Eltwise {op} on {bottoms[0]!r} and {bottoms[1]!r}",
                   position=placed.position)
@@ -514,6 +519,7 @@ def insert_gate(
     seed: int | None = None,
     feed: list[str] | tuple[str, ...] | None = None,
     rewire: bool = True,
+    input_shapes: dict[str, Any] | None = None,
 ) -> tuple[Net, Report]:
     """Add a learned multiplicative gate after ``at``'s own output.
 
@@ -552,6 +558,7 @@ def insert_gate(
         seed: seed for random weights (default :data:`surgery.fillers.DEFAULT_SEED`).
         feed: the consumers to take over (rule 2); default: all.
         rewire: False to take over no consumer (rule 2).
+        input_shapes: shapes of input/data tops by name (rule 4).
 
     Returns:
         ``(new net, report)``; ``report.data`` lists ``layers``, ``channels``, ``init`` and the
@@ -570,7 +577,7 @@ def insert_gate(
         raise NetError(f"init must be 'random' or 'identity', got {init!r}")
     out = net.copy()
     with_weights = net.has_weights
-    views = _views(out)
+    views = _views(out, input_shapes)
     found: dict[str, tuple[Dataflow, Value, Any]] = {}
     for phase, (flow, info) in views.items():
         v = _resolve_edge(flow, out, at)
@@ -582,7 +589,8 @@ def insert_gate(
     if shape is None or len(shape) < 2:
         raise NetError(
             f"insert_gate: cannot infer the shape of {at!r} ({_fmt(shape)}), so the gate's "
-            "channel count is unknown; give the net an input shape (an Input layer)"
+            "channel count is unknown; give the net an input shape (an Input layer, or "
+            "--input-shape BLOB=N,C,H,W)"
         )
     c = int(shape[1])
     n_out = c if str(channels).lower() == "same" else 1
@@ -623,7 +631,7 @@ def insert_gate(
     # the Eltwise's A is the same value `at` named, by layer + top index
     a_spec = f"{v0.producer.layer.name}:{v0.top_index}"
     placed = _place_eltwise(out, a_spec, b_spec, "PROD", None, elt_name, tile_name,
-                            "insert_gate", _feed(feed), rewire)
+                            "insert_gate", _feed(feed), rewire, input_shapes)
     new = [conv_name] + ([sig_name] if sig_name else []) + (
         [placed.tile] if placed.tile else []) + [elt_name]
     report.change(conv_name, f"new 1x1 {kind} {c} -> {n_out} channel(s) on {blob!r} "
