@@ -6,8 +6,9 @@ Where the batches come from, in order of preference:
 1. the user's own data for that layer name (``datasets={"data": ds}``): a map-style
    ``Dataset`` (``ds[i]`` is a tuple of arrays, one per top, or one array for a one-top layer)
    read as Caffe reads a source -- sequentially, wrapping, sample ``k`` to rank
-   ``k % world_size`` -- in batches of the layer's ``batch_size``; or any other iterable of
-   ready batches (tuples of tensors), re-iterated when it ends;
+   ``k % world_size`` -- in batches of the layer's ``batch_size``; or a list, a
+   ``DataLoader`` or any other iterable of ready batches (tuples of tensors in top order, or
+   dicts by top name), re-iterated when it ends;
 2. ``DummyData``: drawn from its fillers each pass (Caffe refills non-constant fillers);
 3. every other data layer: :func:`surgery.data.loader` (Caffe's order and transforms).
 
@@ -144,7 +145,8 @@ def make_feeds(net: Net, state: NetState, *, datasets: Mapping[str, Any] | None 
     for layer in source_layers(net, state):
         user = datasets.get(layer.name)
         if user is not None:
-            if hasattr(user, "__getitem__") and hasattr(user, "__len__"):
+            if (hasattr(user, "__getitem__") and hasattr(user, "__len__")
+                    and not isinstance(user, list | tuple | torch.utils.data.DataLoader)):
                 bs = _batch_size(layer)
                 if bs is None:
                     raise NetError(f"data layer {layer.name!r} has no batch_size: give a "

@@ -183,14 +183,14 @@ class CaffeOptimizer(torch.optim.Optimizer):
                         torch._foreach_add_(g_run, p_run, alpha=decay)
                     else:
                         torch._foreach_add_(g_run, torch._foreach_sign(p_run), alpha=decay)
-                # 4. the type's update (leaves the update in the gradients), 5. w -= update
-                self._update(g, p_run, g_run)
-                torch._foreach_sub_(p_run, g_run)
+                # 4. the type's update, 5. w -= update
+                torch._foreach_sub_(p_run, self._update(g, p_run, g_run))
         self.iteration += 1
         return loss
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor],
-                grads: list[torch.Tensor]) -> None:
+                grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The update to subtract (Caffe's final diff); may reuse ``grads``' storage."""
         raise NotImplementedError
 
 
@@ -203,7 +203,7 @@ class SGD(CaffeOptimizer):
         h = [self.history(p) for p in params]
         torch._foreach_mul_(h, group["momentum"])
         torch._foreach_add_(h, grads, alpha=group["lr"])
-        torch._foreach_copy_(grads, h)
+        return h
 
 
 class Nesterov(CaffeOptimizer):
@@ -218,8 +218,8 @@ class Nesterov(CaffeOptimizer):
         prev = torch._foreach_mul(h, -m)
         torch._foreach_mul_(h, m)
         torch._foreach_add_(h, grads, alpha=group["lr"])
-        torch._foreach_copy_(grads, prev)
-        torch._foreach_add_(grads, h, alpha=float(np.float32(1) + np.float32(m)))
+        torch._foreach_add_(prev, h, alpha=float(np.float32(1) + np.float32(m)))
+        return prev
 
 
 class AdaGrad(CaffeOptimizer):
@@ -234,6 +234,7 @@ class AdaGrad(CaffeOptimizer):
         torch._foreach_add_(den, group["delta"])
         torch._foreach_div_(grads, den)
         torch._foreach_mul_(grads, group["lr"])
+        return grads
 
 
 class RMSProp(CaffeOptimizer):
@@ -251,6 +252,7 @@ class RMSProp(CaffeOptimizer):
         torch._foreach_add_(den, group["delta"])
         torch._foreach_div_(grads, den)
         torch._foreach_mul_(grads, group["lr"])
+        return grads
 
 
 class AdaDelta(CaffeOptimizer):
@@ -275,6 +277,7 @@ class AdaDelta(CaffeOptimizer):
         torch._foreach_mul_(hu, m)
         torch._foreach_addcmul_(hu, grads, grads, value=_one_minus(m))
         torch._foreach_mul_(grads, group["lr"])
+        return grads
 
 
 class Adam(CaffeOptimizer):
@@ -297,9 +300,9 @@ class Adam(CaffeOptimizer):
         torch._foreach_addcmul_(v, grads, grads, value=_one_minus(b2))
         den = torch._foreach_sqrt(v)
         torch._foreach_add_(den, eps)
-        torch._foreach_copy_(grads, m)
-        torch._foreach_div_(grads, den)
-        torch._foreach_mul_(grads, group["lr"] * correction)
+        upd = torch._foreach_div(m, den)
+        torch._foreach_mul_(upd, group["lr"] * correction)
+        return upd
 
 
 #: Caffe's solver ``type`` names (and the legacy ``solver_type`` enum names) -> class.
