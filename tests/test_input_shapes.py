@@ -17,6 +17,7 @@ import pytest
 
 import surgery
 from surgery.cli import main, parse_input_shapes
+from surgery.net import Param
 from surgery.ops._common import fill_missing_weights
 
 from .conftest import import_generated
@@ -183,3 +184,52 @@ def test_bare_input_shape_needs_one_input(tmp_path: Path,
     rep = _json(capsys, ["info", str(proto), "--input-shape", "b=3,2", "--input-shape",
                          "a=3,2"])
     assert rep["layers"][2]["top_shapes"] == [[3, 2]]
+
+
+def test_fc_to_conv_on_train_val(tv: tuple[str, str], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fc.prototxt"
+    assert main(["fc-to-conv", tv[0], "--layers", "fc", "-o", str(out)]) == 0, (
+        capsys.readouterr().err)
+    assert surgery.load(out).layer("fc-conv").attrs["kernel_size"] == [3]  # pool1: 4x3x3
+    # a shape the definition contradicts (crop_size 8) is refused, nothing written
+    out.unlink()
+    assert main(["fc-to-conv", tv[0], "--layers", "fc", "-o", str(out), "--input-shape",
+                 "data=2,3,12,12"]) == 2
+    assert "would fail `surgery info`" in capsys.readouterr().err and not out.exists()
+
+
+_HDF5 = """
+layer { name: "data" type: "HDF5Data" top: "data" top: "label"
+  hdf5_data_param { source: "train.txt" batch_size: 2 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
+  inner_product_param { num_output: 5 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_rename_heads_and_fc_to_conv_take_input_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proto = tmp_path / "h5.prototxt"
+    proto.write_text(_HDF5)
+    net = surgery.load(proto)
+    rng = np.random.default_rng(0)
+    for lay, shapes in (("conv1", [(4, 3, 3, 3), (4,)]), ("fc", [(5, 36), (5,)])):
+        net.layer(lay).params = [Param(data=rng.standard_normal(s).astype(np.float32))
+                                 for s in shapes]
+    weights = tmp_path / "w.caffemodel"
+    surgery.save(net, weights=weights)
+    argv = ["rename-heads", str(proto), "--num-output", "7", "--weights", str(weights),
+            "--out-weights", str(tmp_path / "ft.caffemodel"), "-o", str(tmp_path / "ft.prototxt")]
+    # HDF5 data: nothing tells the shape of 'data'; the head's K comes from the given shape
+    assert main([*argv, "--input-shape", "data=2,3,5,5"]) == 0, capsys.readouterr().err
+    ft = surgery.load(tmp_path / "ft.prototxt", tmp_path / "ft.caffemodel")
+    assert ft.layer("fc_ft").params[0].data.shape == (7, 36)
+    fc = tmp_path / "fc.prototxt"
+    assert main(["fc-to-conv", str(proto), "-o", str(fc)]) == 2
+    assert "input" in capsys.readouterr().err and not fc.exists()
+    assert main(["fc-to-conv", str(proto), "-o", str(fc), "--input-shape", "data=2,3,5,5"]) == 0
+    assert surgery.load(fc).layer("fc-conv").attrs["kernel_size"] == [3]

@@ -177,11 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     ref = run_net(net, feed)
     print(f"reference64: {time.time() - t:.1f} s", flush=True)
-    # The torch lowering in float64: the same graph with no float32 rounding anywhere.
+    order = [k for k in ref if k != "data"]
+    first_exc = next(k for k in order if k.split("@")[0].endswith("/exc"))
+    stage_ends = [k for k in order if k.startswith("conv") and k.count("_") == 1
+                  and "@" not in k and k.split("_")[0] in ("conv2", "conv3", "conv4", "conv5")]
+    picks = [first_exc] + [max((k for k in stage_ends if k.startswith(f"conv{s}_")),
+                               key=lambda k: int(k.split("_")[1]), default=None)
+                           for s in (2, 3, 4, 5)] + ["conv6_interp", "prob"]
+    picks = [p for p in picks if p]
+    # The torch lowering in float64: the same graph with no float32 rounding anywhere (only
+    # the picked blobs are kept: every blob of a 473x473 PSPNet in float64 is ~10 GB).
     import torch
 
     t = time.time()
-    gm64 = to_torch(net, input_shapes=shapes, keep_blobs=True).double()
+    gm64 = to_torch(net, input_shapes=shapes, outputs=picks).double()
     with torch.no_grad():
         out64 = gm64(torch.from_numpy(x))
         # sensitivity: the input moved by float32 rounding (relative 2^-24, random signs)
@@ -189,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         moved = gm64(torch.from_numpy(x * (1 + eps)))
     torch64 = {k: v.numpy() for k, v in out64.items()}
     moved64 = {k: v.numpy() for k, v in moved.items()}
+    del gm64, out64, moved
     print(f"torch float64 (twice): {time.time() - t:.1f} s", flush=True)
-    order = [k for k in ref if k != "data"]
     figures: dict[str, Any] = {"size": args.size, "seed": args.seed, "blobs": {}}
     for k in order:
         row = {b: _rel(r[k], ref[k]) for b, r in results.items() if k in r}
@@ -210,16 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                 by_type[typ] = (e, blob)
         figures["local_worst_by_type"][b] = {t: {"rel": e, "blob": blob}
                                              for t, (e, blob) in sorted(by_type.items())}
-    first_exc = next(k for k in order if k.endswith("/exc"))
-    stage_ends = [k for k in order if k.startswith("conv") and k.count("_") == 1
-                  and "@" not in k and k.split("_")[0] in ("conv2", "conv3", "conv4", "conv5")]
-    picks = [first_exc] + [max((k for k in stage_ends if k.startswith(f"conv{s}_")),
-                               key=lambda k: int(k.split("_")[1]), default=None)
-                           for s in (2, 3, 4, 5)] + ["conv6_interp", "prob"]
     print("\nglobal error against reference64 (max|a-b| / max|ref|):")
     print(f"{'blob':24} {'torch':>10} {'onnxruntime':>12} {'torch vs onnx':>14} "
           f"{'torch float64':>14} {'input moved 2^-24':>18}")
-    for k in [p for p in picks if p]:
+    for k in picks:
         r = figures["blobs"][k]
         print(f"{k:24} {r['torch']:10.2e} {r['onnxruntime']:12.2e} {r['torch_vs_onnx']:14.2e} "
               f"{r.get('torch_float64', float('nan')):14.2e} "

@@ -128,6 +128,7 @@ def cmd_rename_heads(args: argparse.Namespace) -> int:
         rename_tops=args.rename_tops,
         lr_mult=lr,
         seed=args.seed,
+        input_shapes=input_shapes(net, args.input_shape),
     )
     return _finish(args, new, report)
 
@@ -187,7 +188,8 @@ def cmd_fc_to_conv(args: argparse.Namespace) -> int:
     if args.weights and not args.out_weights:
         raise CliError("--weights needs --out-weights (where to write the reshaped weights)")
     net = load_for_edit(args)
-    new, report = fc_to_conv(net, layers=_split_globs(args.layers), suffix=args.suffix)
+    new, report = fc_to_conv(net, layers=_split_globs(args.layers), suffix=args.suffix,
+                             input_shapes=input_shapes(net, args.input_shape))
     return _finish(args, new, report)
 
 
@@ -286,6 +288,7 @@ def register(sub: Any) -> None:
     p.add_argument("--rename", action="append", metavar="OLD=NEW", help="explicit new names")
     p.add_argument("--rename-tops", action="store_true", help="rename the heads' top blobs too")
     p.add_argument("--lr-mult", metavar="W,B", help="the heads' lr_mult, e.g. 10,20")
+    add_input_shape_option(p)
     p.set_defaults(func=cmd_rename_heads, _changes_blobs=True)
 
     for verb, fn, what in (
@@ -344,6 +347,7 @@ def register(sub: Any) -> None:
         default="-conv",
         help="appended to converted layers' names (default -conv; '' keeps the names)",
     )
+    add_input_shape_option(p)
     p.set_defaults(func=cmd_fc_to_conv, _changes_blobs=True)
 
     p = sub.add_parser(

@@ -250,10 +250,12 @@ def new_layer_weights(net: Net, layer: Layer | str, rng: np.random.Generator) ->
 
 
 def fill_new_weights(
-    net: Net, names: Iterable[str], rng: np.random.Generator
+    net: Net, names: Iterable[str], rng: np.random.Generator,
+    input_shapes: dict[str, Any] | None = None,
 ) -> dict[str, list[tuple[int, ...]]]:
     """Give every layer called one of ``names`` fresh blobs from its fillers, in place on
-    ``net`` (which must be the op's own copy). TRAIN/TEST twins get the same arrays.
+    ``net`` (which must be the op's own copy). TRAIN/TEST twins get the same arrays. Shapes
+    come from the input shapes ``surgery info`` infers, unless ``input_shapes`` gives them.
 
     Returns:
         ``{layer name: [blob shapes]}``.
@@ -262,7 +264,7 @@ def fill_new_weights(
         LayerNotFoundError: a name is not in the net.
         NetError: shapes cannot be inferred.
     """
-    cache = _infos(net)
+    cache = _infos(net, input_shapes)
     out: dict[str, list[tuple[int, ...]]] = {}
     from ..fillers import fill_layer
 

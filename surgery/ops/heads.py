@@ -115,6 +115,7 @@ def rename_heads(
     lr_mult: float | Sequence[float] | None = None,
     rng: np.random.Generator | None = None,
     seed: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[Net, Report]:
     """Rename and resize classifier heads so Caffe learns them from scratch.
 
@@ -155,6 +156,8 @@ def rename_heads(
         lr_mult: the heads' learning-rate multipliers (rule 5).
         rng: the generator for new weights (wins over ``seed``).
         seed: seed for new weights; default :data:`surgery.fillers.DEFAULT_SEED`.
+        input_shapes: shapes of input/data tops for the new blobs' shapes (rule 7); default
+            what ``surgery info`` infers.
 
     Returns:
         ``(new net, report)``; ``report.data["renamed"]`` maps old to new names.
@@ -294,7 +297,8 @@ def rename_heads(
     if weighted:  # rule 7
         gen, used_seed = C.make_rng(seed, rng)
         report.seed = used_seed
-        shapes = _fill_heads(out, [new_names[h] for h in heads], gen, num_output, old_shapes)
+        shapes = _fill_heads(out, [new_names[h] for h in heads], gen, num_output, old_shapes,
+                             input_shapes)
         for old in heads:
             report.change(
                 old,
@@ -365,10 +369,11 @@ def _fill_heads(
     rng: np.random.Generator,
     num_output: int,
     old_shapes: dict[str, list[tuple[int, ...] | None]],
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, list[tuple[int, ...]]]:
     """Fresh blobs for the renamed heads; shapes from inference, else from the old blobs."""
     try:
-        return C.fill_new_weights(net, names, rng)
+        return C.fill_new_weights(net, names, rng, dict(input_shapes or {}) or None)
     except SurgeryError as exc:
         error = exc
     from ..fillers import fill_layer
