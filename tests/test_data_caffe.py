@@ -56,10 +56,17 @@ def _compare(ours: np.ndarray, caffe: np.ndarray, exact: bool, what: str) -> Non
         np.testing.assert_allclose(ours, caffe, rtol=1e-6, atol=0, err_msg=what)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_tops_equal_reference_caffe(case: Case, golden: dict, tmp_path: Path) -> None:
+# LevelDB is read by one process only (workers=0; the refusal is tested in test_data.py)
+RUNS = [(c, w) for w in (0, 1) for c in CASES if not (w and "leveldb" in c.name)]
+
+
+@pytest.mark.parametrize("case,workers", RUNS, ids=[f"{c.name}-w{w}" for c, w in RUNS])
+def test_tops_equal_reference_caffe(case: Case, workers: int, golden: dict,
+                                    tmp_path: Path) -> None:
+    """With a worker process the pixels travel as uint8 and the main process finishes the
+    transform: the same bits."""
     proto = _build(case, tmp_path / case.name, golden)
-    ours = _batches(proto, case)
+    ours = _batches(proto, case, workers=workers)
     for top, got in zip(case.tops, ours, strict=True):
         _compare(got, golden[f"{case.name}/{top}"], case.exact, f"{case.name}/{top}")
 

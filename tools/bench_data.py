@@ -14,6 +14,7 @@ time per sample (ours read in-process, Caffe's whole process: prefetch thread + 
 machine shared with other jobs disturbs less than samples/s.
 
 usage: python tools/bench_data.py [--images 300] [--batch 32] [--batches 30] [--workers 2]
+                                  [--repeat 3]
                                   [--caffe ~/.cache/caffe-surgery/refcaffe/pycaffe]
 """
 
@@ -107,6 +108,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10,
                     help="batches read before timing (drains the prefetch queues)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of each")
     ap.add_argument("--caffe", default=str(Path.home() / ".cache/caffe-surgery/refcaffe/pycaffe"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,24 +117,31 @@ def main() -> int:
         proto = Path(tmp) / "net.prototxt"
         proto.write_text(NET.format(db=db, batch=args.batch))
         samples = args.batch * args.batches
-        ours, _ = bench_ours(proto, args.batches, args.workers, args.warmup)
+        runs: dict[str, list[float]] = {"ours": [], "caffe": []}
+        have_caffe = Path(args.caffe).exists()
+        for _ in range(args.repeat):  # interleaved, so both see the same machine load
+            runs["ours"].append(bench_ours(proto, args.batches, args.workers, args.warmup)[0])
+            if have_caffe:
+                r = subprocess.run([args.caffe, "-c", CAFFE, str(proto), str(args.batches),
+                                    str(args.warmup)], capture_output=True, text=True,
+                                   check=True)
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                runs["caffe"].append(got["seconds"])
+                caffe_cpu = got["cpu"]
         _, ours_cpu = bench_ours(proto, args.batches // 2, 0, 2)  # in-process: CPU per sample
+        ours = float(np.median(runs["ours"]))
         res = {"images": args.images, "jpeg_bytes_avg": size, "batch": args.batch,
-               "batches": args.batches, "cpus": os.cpu_count(),
+               "batches": args.batches, "repeat": args.repeat, "cpus": os.cpu_count(),
                "load_avg_1min": round(os.getloadavg()[0], 2),
-               "ours_workers": args.workers, "ours_samples_per_s": round(samples / ours, 1),
-               "ours_cpu_ms_per_sample": round(ours_cpu / (samples // 2) * 1e3, 3)}
-        if Path(args.caffe).exists():
-            r = subprocess.run([args.caffe, "-c", CAFFE, str(proto), str(args.batches),
-                                str(args.warmup)],
-                               capture_output=True, text=True, check=True)
-            got = json.loads(r.stdout.strip().splitlines()[-1])
-            caffe = got["seconds"]
-            res["caffe_samples_per_s"] = round(samples / caffe, 1)
-            res["caffe_cpu_ms_per_sample"] = round(got["cpu"] / samples * 1e3, 3)
-            res["ratio"] = round(caffe / ours, 2)
-        else:
-            res["caffe_samples_per_s"] = None
+               "ours_workers": args.workers,
+               "ours_samples_per_s": [round(samples / t, 1) for t in runs["ours"]],
+               "ours_cpu_ms_per_sample": round(ours_cpu / (args.batches // 2 * args.batch)
+                                               * 1e3, 3)}
+        if have_caffe:
+            caffe = float(np.median(runs["caffe"]))
+            res["caffe_samples_per_s"] = [round(samples / t, 1) for t in runs["caffe"]]
+            res["caffe_cpu_ms_per_sample"] = round(caffe_cpu / samples * 1e3, 3)
+            res["median_ratio"] = round(caffe / ours, 2)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -32,6 +32,17 @@ _LEGACY_TRANSFORM = ("scale", "mean_file", "crop_size", "mirror")
 
 
 @dataclass
+class _Pixels:
+    """One sample whose image top is still uint8 pixels, cropped and mirrored: the loader's
+    workers send these (a quarter of float32's bytes through shared memory) and the main
+    process finishes ``(pixels - mean) * scale`` (:meth:`Transformer.finish_batch`)."""
+
+    pixels: np.ndarray
+    draw: tuple[bool, int, int]
+    rest: tuple
+
+
+@dataclass
 class _Failure:
     """An error raised in a DataLoader worker, carried to the main process as a value so it
     is re-raised there as the same one-line error (not a worker traceback)."""
@@ -80,6 +91,7 @@ class CaffeDataset(torch.utils.data.Dataset):
         self.where = where
         self.seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else int(seed)
         self.defer_errors = False  # set by the loader: errors travel as values to the main
+        self.defer_float = False  # set by the loader with workers: uint8 crops travel
         self._rng: np.random.Generator | None = None
         self._rng_pid: int | None = None
 
@@ -126,9 +138,14 @@ class CaffeDataset(torch.utils.data.Dataset):
         raw = self.source.read(index)
         if self.transformer is None:
             return tuple(np.asarray(a, np.float32) for a in raw)
-        image = raw[0]
-        data = self.transformer(image, rng, item=self.source.describe(index))
-        return (data, *raw[1:len(self.tops)])
+        image, rest = raw[0], tuple(raw[1:len(self.tops)])
+        t = self.transformer
+        if self.defer_float and image.dtype == np.uint8:
+            t.check(image.shape, self.source.describe(index))
+            draw = t.draw(image.shape, rng)
+            rows, cols = t.window(*draw)
+            return _Pixels(np.ascontiguousarray(image[:, rows, cols]), draw, rest)  # type: ignore[return-value]
+        return (t(image, rng, item=self.source.describe(index)), *rest)
 
     def describe(self) -> str:
         """One line: layer, phase, source and size."""

@@ -14,8 +14,10 @@ The sampler never ends, as Caffe's cursor: take as many batches as the solver ne
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,8 @@ import torch
 import torch.utils.data
 
 from ..errors import DataError, SurgeryError
-from .datasets import CaffeDataset, _Failure
+from .datasets import CaffeDataset, _Failure, _Pixels
+from .transform import Transformer
 
 __all__ = ["CaffeSampler", "CaffeLoader", "collate", "make_loader"]
 
@@ -79,33 +82,75 @@ class CaffeSampler(torch.utils.data.Sampler):
             k += self.world_size
 
 
-def collate(items: list[Any]) -> tuple[torch.Tensor, ...] | _Failure:
+@dataclass
+class _PixelBatch:
+    """A batch whose first top is uint8 crops still to finish in the main process."""
+
+    pixels: torch.Tensor
+    draws: torch.Tensor
+    rest: tuple[torch.Tensor, ...]
+
+
+def collate(items: list[Any], transformer: Transformer | None = None
+            ) -> tuple[torch.Tensor, ...] | _PixelBatch | _Failure:
     """Stack items into one tensor per top (a failed item's error passes through).
 
     Samples of different shapes cannot share a batch (Caffe reshapes to the first and then
-    fails a CHECK): that is an error naming the shapes.
+    fails a CHECK): that is an error naming the shapes. Items still holding uint8 pixels
+    (:class:`~surgery.data.datasets._Pixels`) make a :class:`_PixelBatch`.
     """
     for it in items:
         if isinstance(it, _Failure):
             return it
+    pixels = [isinstance(it, _Pixels) for it in items]
+    if any(pixels) and not all(pixels):  # uint8 and float sources mixed: finish here
+        assert transformer is not None
+        items = [_finished(it, transformer) if p else it
+                 for it, p in zip(items, pixels, strict=True)]
+    if all(pixels):
+        first = _stack([it.pixels for it in items], torch.uint8)
+        if isinstance(first, _Failure):
+            return first
+        rest = [_stack([it.rest[j] for it in items], torch.float32)
+                for j in range(len(items[0].rest))]
+        draws = torch.tensor([it.draw for it in items], dtype=torch.int64)
+        return _PixelBatch(first, draws, tuple(rest))  # type: ignore[arg-type]
     out = []
     for j in range(len(items[0])):
-        arrays = [it[j] for it in items]
-        shapes = sorted({np.shape(a) for a in arrays})
-        if len(shapes) > 1:
-            return _Failure(DataError(
-                f"samples of one batch differ in shape ({', '.join(map(str, shapes))}); Caffe "
-                "needs equal shapes: set crop_size, or new_height/new_width for ImageData"))
-        shape = (len(arrays), *shapes[0])
-        if torch.utils.data.get_worker_info() is not None:
-            # straight into shared memory, as torch's default_collate: saves the copy the
-            # DataLoader would make to send the batch to the main process
-            t = torch.empty(shape, dtype=torch.float32).share_memory_()
-        else:
-            t = torch.empty(shape, dtype=torch.float32)
-        np.stack(arrays, out=t.numpy())
+        t = _stack([it[j] for it in items], torch.float32)
+        if isinstance(t, _Failure):
+            return t
         out.append(t)
     return tuple(out)
+
+
+def _finished(it: _Pixels, transformer: Transformer) -> tuple[np.ndarray, ...]:
+    data = transformer.finish_batch(it.pixels[None], np.asarray([it.draw]))[0]
+    return (data, *it.rest)
+
+
+def _stack(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor | _Failure:
+    shapes = sorted({np.shape(a) for a in arrays})
+    if len(shapes) > 1:
+        return _Failure(DataError(
+            f"samples of one batch differ in shape ({', '.join(map(str, shapes))}); Caffe "
+            "needs equal shapes: set crop_size, or new_height/new_width for ImageData"))
+    t = _empty((len(arrays), *shapes[0]), dtype)
+    np.stack(arrays, out=t.numpy())
+    return t
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor for a batch; in a worker, allocated in shared memory as torch's own
+    ``default_collate`` does, so sending it to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    try:
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    except (AttributeError, RuntimeError):  # pragma: no cover - private API moved
+        return torch.empty(shape, dtype=dtype).share_memory_()
 
 
 def _worker_init(worker_id: int) -> None:
@@ -132,9 +177,16 @@ class CaffeLoader(torch.utils.data.DataLoader):
     batches_per_pass: int
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:  # type: ignore[override]
+        transformer = self.dataset.transformer  # type: ignore[attr-defined]
         for batch in super().__iter__():
             if isinstance(batch, _Failure):
                 raise batch.error
+            if isinstance(batch, _PixelBatch):
+                data = torch.from_numpy(transformer.finish_batch(batch.pixels.numpy(),
+                                                                 batch.draws.numpy()))
+                if self.pin_memory:
+                    data = data.pin_memory()
+                batch = (data, *batch.rest)
             yield batch
 
     def __len__(self) -> int:
@@ -158,13 +210,17 @@ def make_loader(dataset: CaffeDataset, *, batch_size: int | None = None, workers
                         "one process at a time may open: use workers=0, or convert to LMDB")
     sampler = CaffeSampler(dataset, rank=rank, world_size=world_size, seed=dataset.seed)
     dataset.defer_errors = True
+    # workers send uint8 crops (4x fewer bytes to move between processes than float32);
+    # the main process finishes (pixel - mean) * scale with the same float32 operations
+    dataset.defer_float = workers > 0 and dataset.transformer is not None
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     try:
         dataset.source.close()  # workers open their own handles
     except SurgeryError:  # pragma: no cover
         pass
-    loader = CaffeLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate,
+    loader = CaffeLoader(dataset, batch_size=bs, sampler=sampler,
+                         collate_fn=functools.partial(collate, transformer=dataset.transformer),
                          num_workers=workers, pin_memory=pin_memory,
                          worker_init_fn=_worker_init if workers else None,
                          prefetch_factor=4 if workers else None)

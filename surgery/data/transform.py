@@ -167,6 +167,16 @@ class Transformer:
         mirror, h_off, w_off = self.draw(shape, rng)
         return self.apply(image, mirror, h_off, w_off)
 
+    def window(self, mirror: bool, h_off: int, w_off: int) -> tuple[slice, slice]:
+        """The (rows, columns) slices of the crop, the columns reversed when mirrored."""
+        crop = self.param.crop_size
+        if not crop:
+            return slice(None), (slice(None, None, -1) if mirror else slice(None))
+        rows = slice(h_off, h_off + crop)
+        if mirror:
+            return rows, slice(w_off + crop - 1, w_off - 1 if w_off else None, -1)
+        return rows, slice(w_off, w_off + crop)
+
     def apply(self, image: np.ndarray, mirror: bool, h_off: int, w_off: int) -> np.ndarray:
         """The transform with the random choices given (no checks).
 
@@ -174,28 +184,35 @@ class Transformer:
         result (a mirrored window minus the same mirrored window of the mean is the mirror of
         Caffe's difference: the same numbers in the same places).
         """
-        crop = self.param.crop_size
-        _, h, w = image.shape
-        rows = slice(h_off, h_off + crop) if crop else slice(None)
-        if crop:
-            cols = slice(w_off, w_off + crop)
-            if mirror:
-                cols = slice(w_off + crop - 1, w_off - 1 if w_off else None, -1)
-        else:
-            cols = slice(None, None, -1) if mirror else slice(None)
-        view = image[:, rows, cols]
-        x = np.empty(view.shape, np.float32)
-        if self.mean is not None:
-            np.subtract(view, self.mean[:, rows, cols], out=x)  # float32(pixel) - mean
+        rows, cols = self.window(mirror, h_off, w_off)
+        mean = None if self.mean is None else self.mean[:, rows, cols]
+        return self.finish(image[:, rows, cols], mean)
+
+    def finish(self, pixels: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+        """``(pixels - mean) * scale`` in float32 for cropped, mirrored ``pixels`` (C, h, w)
+        or a batch (N, C, h, w); ``mean``: the mean file's matching windows."""
+        x = np.empty(pixels.shape, np.float32)
+        if mean is not None:
+            np.subtract(pixels, mean, out=x)  # float32(pixel) - mean, as Caffe
         elif len(self._mean_values):
-            mv = self._mean_values
-            mv = mv if len(mv) == x.shape[0] else np.repeat(mv[:1], x.shape[0])
-            np.subtract(view, mv[:, None, None], out=x)
+            c = pixels.shape[-3]
+            mv = self._mean_values if len(self._mean_values) == c else np.repeat(
+                self._mean_values[:1], c)
+            np.subtract(pixels, mv[:, None, None], out=x)
         else:
-            np.copyto(x, view, casting="unsafe")
+            np.copyto(x, pixels, casting="unsafe")
         if self.scale != 1:
             np.multiply(x, self.scale, out=x)
         return x
+
+    def finish_batch(self, pixels: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """:meth:`finish` for a batch of uint8 crops, ``draws`` (N, 3) their (mirror, h_off,
+        w_off) -- the loader's workers send uint8 and the main process finishes."""
+        mean = None
+        if self.mean is not None:
+            mean = np.stack([self.mean[(slice(None), *self.window(bool(m), int(h), int(w)))]
+                             for m, h, w in draws])
+        return self.finish(pixels, mean)
 
     def undo(self, top: np.ndarray) -> np.ndarray:
         """Approximately the pixels a (C, H, W) top came from: scale and mean undone (centre-
