@@ -32,8 +32,11 @@ Rules:
 4. A SIGKILL cannot be caught: it can leave only temporaries with the recognisable name above.
    Each transaction, when it starts, removes the stale temporaries in its targets' folders:
    those made on this host (RANDOM starts with a hash of the host name) whose process is no
-   longer running. (A SIGKILL in the microseconds of the
-   commit's renames can leave some targets new and the others old, never a partial file.)
+   longer running. A commit of more than one rename first writes a journal
+   (``.surgery-commit.surgery-tmp-PID-RANDOM``, with a pointer to it in each other folder of
+   the set); a SIGKILL among the renames leaves it behind, and the next run in any of those
+   folders finishes the renames (roll forward) before it removes temporaries, so even then
+   the set ends up all new. A target written by someone else after the kill is left alone.
 5. Transactions nest: an ``outputs()`` block (or a helper that opens one, such as
    :func:`surgery.caffe_io.save`) inside another joins the outer one, and only the outermost
    commits. So a verb wraps all its writes in one ``with _atomic.outputs():`` and every
@@ -41,8 +44,8 @@ Rules:
    (it is written at the commit); use :func:`standalone` around code that must write and read
    its own scratch files (e.g. a temporary folder).
 6. A folder output replaces an existing target only when the caller says so
-   (``replace=True``); the swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux (else two
-   renames), and the old folder is removed after the swap.
+   (``replace=True``): the old folder is renamed aside, the new one into place (both in the
+   journal), and the old one removed after.
 7. Files get the mode of the file they replace, else ``0666 & ~umask`` (as ``open()``).
    Temporaries are flushed to disk (fsync) before the renames, and the folders after them, so
    a power cut also leaves each target old or complete.
@@ -55,8 +58,6 @@ Errors are :class:`~surgery.errors.SurgeryError` naming the path ("PATH: cannot 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import os
 import re
@@ -137,9 +138,21 @@ def clean_stale(folder: PathLike) -> list[str]:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
+    def stale(name: str) -> bool:
+        m = _TEMP_RE.match(name)
+        return m is not None and m.group(2) == _HOST and not _pid_alive(int(m.group(1)))
+
+    journals = [e for e in entries if e.name.startswith(f".{_JOURNAL}{TEMP_MARK}")]
+    if any(stale(e.name) for e in journals):  # first finish the commits they record
+        for entry in journals:
+            if stale(entry.name):
+                _roll_forward(entry.path)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return removed
     for entry in entries:
-        m = _TEMP_RE.match(entry.name)
-        if m is None or m.group(2) != _HOST or _pid_alive(int(m.group(1))):
+        if not stale(entry.name):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
@@ -156,23 +169,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths atomically (Linux ``renameat2``); False when not supported here."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), b)
 
 
 def _remove(path: str) -> None:
@@ -379,82 +375,207 @@ class Outputs:
                 _sync_tree(tmp)
             else:
                 _sync(tmp)
+        plan: list[_Step] = []
+        for target in self._removals:
+            if target not in self._items and os.path.lexists(target):
+                plan.append(_Step("remove", None, target, self._new_name(*os.path.split(target))))
+        for target, (tmp, folder, _) in self._items.items():
+            existed = os.path.lexists(target)
+            backup = self._new_name(*os.path.split(target)) if existed else None
+            plan.append(_Step("folder" if folder else "file", tmp, target, backup, existed))
+        if len(plan) == 1 and plan[0].kind == "file":
+            plan[0].backup = None  # one os.replace: atomic by itself, nothing to roll back
         masked = _block_signals()
-        done: list[tuple[str, str | None, str]] = []  # (target, backup of the old one, tmp)
+        journals: list[str] = []
         try:
-            for target in self._removals:
-                if target in self._items or not os.path.lexists(target):
-                    continue
-                backup = self._new_name(*os.path.split(target))
+            if len(plan) > 1 or any(st.kind == "folder" and st.existed for st in plan):
                 try:
-                    os.rename(target, backup)
+                    journals = self._write_journals(plan)
                 except OSError as exc:
-                    self._rollback(done)
-                    raise _cannot(target, exc) from None
-                done.append((target, backup, backup))
-            for target, (tmp, folder, _) in self._items.items():
+                    raise _cannot(plan[0].target, exc) from None
+            done: list[_Step] = []
+            for st in plan:
                 try:
-                    done.append(self._install(target, tmp, folder))
+                    st.apply()
                 except OSError as exc:
-                    self._rollback(done)
-                    raise _cannot(target, exc) from None
-            for parent in {os.path.dirname(t) for t, _, _ in done}:
+                    _rollback(done)
+                    for j in journals:
+                        _remove(j)
+                    raise _cannot(st.target, exc) from None
+                done.append(st)
+            for parent in {os.path.dirname(st.target) for st in plan}:
                 _sync(parent)  # the renames themselves
-            for _, backup, _ in done:
-                if backup is not None:
-                    _remove(backup)
+            for st in plan:
+                if st.backup is not None:
+                    _remove(st.backup)
+            for j in reversed(journals):  # the pointers, then the main journal
+                _remove(j)
             self.committed = True
             self._items.clear()
             self._removals.clear()
         finally:
             _unblock_signals(masked)
 
-    def _install(self, target: str, tmp: str, folder: bool) -> tuple[str, str | None, str]:
-        parent, name = os.path.split(target)
-        backup: str | None = None
-        if folder:
-            if os.path.isdir(target):
-                if _exchange(tmp, target):
-                    return target, tmp, tmp  # tmp now holds the old folder
-                backup = self._new_name(parent, name)
-                os.rename(target, backup)
-                try:
-                    os.rename(tmp, target)
-                except OSError:
-                    os.rename(backup, target)
-                    raise
-                return target, backup, tmp
-            os.rename(tmp, target)
-            return target, None, tmp
-        if os.path.lexists(target):
-            backup = self._new_name(parent, name)
-            try:
-                os.link(target, backup, follow_symlinks=False)
-            except OSError:
-                backup = None  # no hard links here: this file cannot be rolled back
+    def _write_journals(self, plan: list[_Step]) -> list[str]:
+        """Record the renames before doing any (rule 4): a SIGKILL among them is finished by
+        the next run. Pointers in the other folders first, the main journal last: its
+        appearance is the commit point. Returns ``[main, *pointers]``."""
+        folders = list(dict.fromkeys(os.path.dirname(st.target) for st in plan))
+        main = self._new_name(folders[0], _JOURNAL)
+        pointers = [self._new_name(f, _JOURNAL) for f in folders[1:]]
         try:
-            os.replace(tmp, target)
+            for ptr in pointers:
+                _write_json(ptr, {"main": main})
+            _write_json(main, {"pointers": pointers, "plan": [st.as_list() for st in plan]})
         except OSError:
-            if backup is not None:
-                _remove(backup)
+            for j in (main, *pointers):
+                _remove(j)
             raise
-        return target, backup, tmp
+        return [main, *pointers]
 
-    @staticmethod
-    def _rollback(done: list[tuple[str, str | None, str]]) -> None:
-        for target, backup, tmp in reversed(done):
+
+_JOURNAL = "surgery-commit"
+
+
+class _Step:
+    """One rename of a commit: ``kind`` is file, folder or remove."""
+
+    def __init__(self, kind: str, tmp: str | None, target: str, backup: str | None,
+                 existed: bool = True) -> None:
+        self.kind, self.tmp, self.target, self.backup = kind, tmp, target, backup
+        self.existed = existed
+
+    def as_list(self) -> list[object]:
+        return [self.kind, self.tmp, self.target, self.backup, self.existed]
+
+    def apply(self) -> None:
+        if self.kind == "remove":
+            os.rename(self.target, self.backup)  # type: ignore[arg-type]
+        elif self.kind == "folder":
+            assert self.tmp is not None
+            if self.backup is not None and os.path.lexists(self.target):
+                os.rename(self.target, self.backup)
+                try:
+                    os.rename(self.tmp, self.target)
+                except OSError:
+                    os.rename(self.backup, self.target)
+                    raise
+            else:
+                os.rename(self.tmp, self.target)
+        else:
+            assert self.tmp is not None
+            if self.backup is not None:
+                try:
+                    os.link(self.target, self.backup, follow_symlinks=False)
+                except OSError:
+                    self.backup = None  # no hard links here: this file cannot be rolled back
             try:
-                if backup is None:
-                    _remove(target)
-                elif os.path.isdir(backup) and not os.path.islink(backup):
-                    if not _exchange(backup, target):
-                        os.rename(target, tmp)
-                        os.rename(backup, target)
-                    _remove(backup)
-                else:
-                    os.replace(backup, target)
+                os.replace(self.tmp, self.target)
             except OSError:
-                pass
+                if self.backup is not None:
+                    _remove(self.backup)
+                raise
+
+    def undo(self) -> None:
+        if self.kind == "remove":
+            os.rename(self.backup, self.target)  # type: ignore[arg-type]
+        elif self.kind == "folder":
+            assert self.tmp is not None
+            os.rename(self.target, self.tmp)
+            if self.backup is not None:
+                os.rename(self.backup, self.target)
+        elif self.backup is not None:
+            os.replace(self.backup, self.target)
+        elif not self.existed:
+            _remove(self.target)
+        # else: the old file had no backup (no hard links): keep the new one rather than none
+
+    def redo(self, since: float) -> None:
+        """Finish this step after a SIGKILL (roll forward), unless the target changed since."""
+        if self.kind == "remove":
+            if os.path.lexists(self.target) and not _newer(self.target, since):
+                _remove(self.target)
+            return
+        assert self.tmp is not None
+        if not os.path.lexists(self.tmp):
+            return  # done before the kill
+        if os.path.lexists(self.target) and _newer(self.target, since):
+            _remove(self.tmp)  # someone wrote the target after the kill: theirs wins
+            return
+        if self.kind == "file":
+            os.replace(self.tmp, self.target)
+            return
+        if os.path.lexists(self.target):  # the old folder, not yet moved aside
+            if self.backup is None:
+                _remove(self.tmp)
+                return
+            os.rename(self.target, self.backup)
+        os.rename(self.tmp, self.target)
+
+
+def _newer(path: str, since: float) -> bool:
+    try:
+        return os.lstat(path).st_mtime > since
+    except OSError:
+        return False
+
+
+def _rollback(done: list[_Step]) -> None:
+    for st in reversed(done):
+        try:
+            st.undo()
+        except OSError:
+            pass
+
+
+def _write_json(path: str, data: object) -> None:
+    """Write a small JSON file complete or not at all (via a temporary), flushed to disk."""
+    import json
+
+    part = Outputs._new_name(os.path.dirname(path), _JOURNAL + "-part")
+    try:
+        with open(part, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(part, path)
+    except OSError:
+        _remove(part)
+        raise
+    _sync(os.path.dirname(path))
+
+
+def _roll_forward(journal: str) -> None:
+    """Finish the commit a killed process recorded in ``journal`` (or a pointer to it)."""
+    import json
+
+    try:
+        with open(journal, encoding="utf-8") as f:
+            data = json.load(f)
+        main = data.get("main", journal)
+        if main != journal:
+            if not os.path.exists(main):  # killed before the commit point: nothing renamed
+                _remove(journal)
+                return
+            with open(main, encoding="utf-8") as f:
+                data = json.load(f)
+        since = os.lstat(main).st_mtime
+        plan = [_Step(*st) for st in data["plan"]]
+        pointers = [str(p) for p in data["pointers"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        _remove(journal)
+        return
+    for st in plan:
+        try:
+            st.redo(since)
+        except OSError:
+            pass
+    for st in plan:
+        if st.backup is not None:
+            _remove(st.backup)
+    for ptr in pointers:
+        _remove(ptr)
+    _remove(main)
 
 
 # -- the current transaction (per thread) ------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,83 @@ def test_remove_is_part_of_the_set(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         out.write_text(tmp_path / "b", "b")
     assert gone.read_text() == "old companion" and a.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.data"]
+
+
+_KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    from surgery import _atomic
+
+    mode, a, b = sys.argv[1:4]
+    calls = []
+    if mode == "after-first-rename":
+        real = _atomic._Step.apply
+
+        def apply(self):
+            real(self)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        _atomic._Step.apply = apply
+    else:  # before the commit point: the pointer is written, the main journal is not
+        real = _atomic._write_json
+
+        def write_json(path, data):
+            calls.append(path)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(path, data)
+
+        _atomic._write_json = write_json
+    with _atomic.outputs() as out:
+        out.write_text(a, "new a")
+        d = out.folder(b, replace=True)
+        (d / "f").write_text("new b")
+""")
+
+
+def _kill_in_commit(tmp_path: Path, mode: str) -> tuple[Path, Path]:
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    a, b = tmp_path / "A" / "a.txt", tmp_path / "B" / "export"
+    a.write_text("old a")
+    b.mkdir()
+    (b / "f").write_text("old b")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _KILL_DRIVER, mode, str(a), str(b)], env=env)
+    assert proc.returncode == -signal.SIGKILL
+    return a, b
+
+
+def _all_temporaries(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.rglob("*") if _atomic.TEMP_MARK in p.name)
+
+
+def test_sigkill_among_the_renames_is_finished_by_the_next_run(tmp_path: Path) -> None:
+    a, b = _kill_in_commit(tmp_path, "after-first-rename")
+    assert a.read_text() == "new a" and (b / "f").read_text() == "old b"  # half done
+    journals = [n for n in _all_temporaries(tmp_path) if n.startswith(".surgery-commit.")]
+    assert len(journals) == 2  # the journal in A, a pointer in B
+    _atomic.write_text(b.parent / "other.txt", "x")  # any run writing into B
+    assert a.read_text() == "new a" and (b / "f").read_text() == "new b"
+    assert _all_temporaries(tmp_path) == []
+
+
+def test_sigkill_among_the_renames_leaves_a_target_written_since(tmp_path: Path) -> None:
+    a, b = _kill_in_commit(tmp_path, "after-first-rename")
+    shutil.rmtree(b)
+    b.mkdir()
+    (b / "f").write_text("the user's")
+    future = time.time() + 5
+    os.utime(b, (future, future))
+    _atomic.clean_stale(a.parent)
+    assert (b / "f").read_text() == "the user's"
+    assert a.read_text() == "new a"
+    assert _all_temporaries(tmp_path) == []
+
+
+def test_sigkill_before_the_commit_point_leaves_everything_old(tmp_path: Path) -> None:
+    a, b = _kill_in_commit(tmp_path, "before-commit-point")
+    assert _all_temporaries(tmp_path)
+    _atomic.clean_stale(b.parent)
+    _atomic.clean_stale(a.parent)
+    assert a.read_text() == "old a" and (b / "f").read_text() == "old b"
+    assert _all_temporaries(tmp_path) == []
