@@ -241,3 +241,18 @@ def test_freeze_bn_stats_writes_use_global_stats(tmp_path: Path) -> None:
     out2 = tmp_path / "unfrozen.prototxt"
     assert main(["unfreeze", str(out), "--layers", "conv1*", "--bn-stats", "-o", str(out2)]) == 0
     assert "use_global_stats" not in surgery.load(out2).layer("conv1/bn").attrs
+
+
+def test_a_deep_copy_keeps_the_caffe_tables() -> None:
+    """fx's deepcopy rebuilds a GraphModule and dropped caffe_lr: a copy (an EMA, a
+    checkpoint clone) then trained frozen blobs at lr_mult 1."""
+    import copy
+
+    model = to_torch(_frozen_tiny_googlenet(), "train", SHAPES, missing="fill")
+    twin = copy.deepcopy(model)
+    assert twin.caffe_lr == model.caffe_lr and twin.caffe_lr is not model.caffe_lr
+    assert twin.caffe_names == model.caffe_names and twin.total_loss_key == "total_loss"
+    assert _names(param_groups(twin, 0.1)) == _names(param_groups(model, 0.1))
+    set_trainable(twin)
+    assert model.caffe_lr["conv1_3x3_s1.weight"] == (0.0, 0.0)  # the original is untouched
+    assert twin.caffe_lr["conv1_3x3_s1.weight"] == (1.0, 1.0)

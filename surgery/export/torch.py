@@ -30,6 +30,7 @@ Conventions of the exported module:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -739,6 +740,24 @@ class _Root(nn.Module):
     pass
 
 
+#: The attributes :func:`to_torch` sets on its module (see its Returns).
+_EXPORT_ATTRS = ("caffe_names", "caffe_lr", "input_names", "output_names", "loss_weights",
+                 "total_loss_key", "notes", "caffe_phase")
+
+
+class _CaffeGraphModule(fx.GraphModule):
+    """A GraphModule whose ``copy.deepcopy`` keeps :data:`_EXPORT_ATTRS` (fx's own rebuilds
+    the module from its graph and drops plain attributes: a copy, e.g. for an EMA, would lose
+    ``caffe_lr`` and train every blob at lr_mult 1)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> fx.GraphModule:
+        res = super().__deepcopy__(memo)
+        for name in _EXPORT_ATTRS:
+            if name in self.__dict__:
+                setattr(res, name, copy.deepcopy(self.__dict__[name], memo))
+        return res
+
+
 def _check_weights(plan: common.ExportPlan) -> None:
     missing: list[str] = []
     for node in plan.nodes:
@@ -917,7 +936,7 @@ def to_torch(
         graph.output(result)
     graph = _renamed(graph, wanted)
     graph.lint()
-    gm = fx.GraphModule(root, graph, class_name="CaffeNet")
+    gm = _CaffeGraphModule(root, graph, class_name="CaffeNet")
     gm.caffe_names = ctx.caffe_names
     gm.caffe_lr = ctx.lr
     gm.input_names = [v.name for v in plan.inputs]
