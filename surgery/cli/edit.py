@@ -7,6 +7,7 @@ Only light modules are imported here (no torch, no onnx).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from . import (
@@ -221,6 +222,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     base = Path(args.recipe).resolve().parent
+    if recipe.get("train"):  # [[train]] stages checked before anything runs or is written
+        from ..train.stages import validate_stages
+
+        validate_stages(recipe)
     files = recipe_files(recipe, base)  # the recipe's paths, relative to its folder
     reads = step_reads(recipe, base)
 
@@ -268,6 +273,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
     text = (report.text() + f"\nread {net_path}" + (f" and {weights}" if weights else "")
             + "".join(f"\nread {p} ({what})" for what, p in reads))
     text += "\ndry run: nothing written" if args.dry_run else "\nwrote " + " and ".join(written)
+    if recipe.get("train"):
+        from ..train.stages import run_stages
+
+        if args.dry_run or args.no_train:
+            text += f"\n{len(recipe['train'])} train stage(s) not run"
+        else:
+            # the stages' Caffe lines go to stderr under --json, so stdout stays one report
+            say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+            _, stages = run_stages(recipe, new, base_dir=base, device=args.device, log=say)
+            data["train"] = stages
+            text += "".join(f"\ntrain stage {s['name']!r}: {s['iterations']} iterations, "
+                            f"{s['trainable']} trainable values, snapshot {s['snapshot']}"
+                            for s in stages)
     emit(data, text, args.json)
     return 0
 
@@ -377,6 +395,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
     p.add_argument("--dry-run", action="store_true", help="run the steps, write nothing")
+    p.add_argument("--no-train", action="store_true",
+                   help="do not run the recipe's [[train]] stages")
+    p.add_argument("--device", help="torch device for the [[train]] stages (cpu, cuda:N)")
     p.add_argument("--in-place", action="store_true",
                    help="allow an output to overwrite a file the recipe reads")
     p.add_argument("--force", action="store_true",

@@ -53,7 +53,8 @@ OPS: dict[str, str] = {
     "init": "init_weights",
     "transplant": "transplant",
 }
-_TOP_KEYS = ("net", "weights", "output", "out_weights", "seed", "step")
+# "solver" and "train" hold surgery.train.stages' [[train]] stages (run by `surgery apply`)
+_TOP_KEYS = ("net", "weights", "output", "out_weights", "seed", "step", "solver", "train")
 # option spellings of the CLI that differ from the Python argument
 _ALIASES: dict[str, tuple[str, ...]] = {
     "layer": ("layers",),

@@ -488,19 +488,21 @@ class Trainer:
 
     def snapshot(self, prefix: str | None = None) -> tuple[Path, Path]:
         """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (atomically)."""
+        from .. import _atomic
         from ..caffe_io import save, write_solver_state
 
         prefix = prefix or self.cfg.snapshot_prefix
         model_path, state_path = snapshot_paths(prefix, self.iter)
         net = self.current_net()
-        self.log(f"Snapshotting to binary proto file {model_path}")
-        save(net, weights=model_path)
-        self.log(f"Snapshotting solver state to binary proto file {state_path}")
         hist = history_blobs(self.optimizer, self.model, net, self.cfg.train_state)
         step = schedule.current_step(self.cfg.lr_policy, max(self.iter - 1, 0),
                                      stepsize=self.cfg.stepsize, stepvalue=self.cfg.stepvalue)
-        write_solver_state(state_path, iter=self.iter, learned_net=str(model_path),
-                           history=hist, current_step=step)
+        self.log(f"Snapshotting to binary proto file {model_path}")
+        self.log(f"Snapshotting solver state to binary proto file {state_path}")
+        with _atomic.outputs():  # both files or neither
+            save(net, weights=model_path)
+            write_solver_state(state_path, iter=self.iter, learned_net=str(model_path),
+                               history=hist, current_step=step)
         self.last_snapshot = model_path
         return model_path, state_path
 
