@@ -9,9 +9,10 @@ Datums, seeded pixels: smooth gradients plus noise, ~20 KB each) and a TRAIN Dat
   thread decodes and transforms while the main thread copies the batch out);
 
 each after ``--warmup`` batches (start-up excluded, the prefetch queues drained: the consumer
-does nothing, so in steady state both run at the producer's speed). It also reports the CPU
-time per sample (ours read in-process, Caffe's whole process: prefetch thread + copy), which a
-machine shared with other jobs disturbs less than samples/s.
+does nothing, so in steady state both run at the producer's speed), ``--repeat`` times,
+interleaved. It also reports CPU time per sample -- ours: the main process and its workers
+(start-up and warm-up included), Caffe's: its whole process during the timed batches (prefetch
+thread and batch copy) -- which a machine shared with other jobs disturbs less than samples/s.
 
 usage: python tools/bench_data.py [--images 300] [--batch 32] [--batches 30] [--workers 2]
                                   [--repeat 3]
@@ -21,9 +22,11 @@ usage: python tools/bench_data.py [--images 300] [--batch 32] [--batches 30] [--
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -86,18 +89,30 @@ def build_lmdb(path: Path, n: int) -> int:
     return total // n
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its reaped children (the DataLoader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bench_ours(proto: Path, batches: int, workers: int, warm: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) for ``batches`` batches."""
+    """(wall seconds for ``batches`` batches after ``warm``, CPU seconds of the main process
+    and its workers for all ``warm + batches``, worker start-up included)."""
     import surgery.data as sd
 
+    c = _cpu()
     ld = sd.loader(proto, "data", "train", workers=workers, seed=0)
     it = iter(ld)
     for _ in itertools.islice(it, warm):
         pass
-    t, c = time.perf_counter(), time.process_time()
+    t = time.perf_counter()
     for _ in itertools.islice(it, batches):
         pass
-    return time.perf_counter() - t, time.process_time() - c
+    wall = time.perf_counter() - t
+    del it, ld  # workers shut down and reaped: their CPU time is counted
+    gc.collect()
+    return wall, _cpu() - c
 
 
 def main() -> int:
@@ -118,9 +133,12 @@ def main() -> int:
         proto.write_text(NET.format(db=db, batch=args.batch))
         samples = args.batch * args.batches
         runs: dict[str, list[float]] = {"ours": [], "caffe": []}
+        cpu: list[float] = []
         have_caffe = Path(args.caffe).exists()
         for _ in range(args.repeat):  # interleaved, so both see the same machine load
-            runs["ours"].append(bench_ours(proto, args.batches, args.workers, args.warmup)[0])
+            wall, used = bench_ours(proto, args.batches, args.workers, args.warmup)
+            runs["ours"].append(wall)
+            cpu.append(used / ((args.batches + args.warmup) * args.batch))
             if have_caffe:
                 r = subprocess.run([args.caffe, "-c", CAFFE, str(proto), str(args.batches),
                                     str(args.warmup)], capture_output=True, text=True,
@@ -128,15 +146,13 @@ def main() -> int:
                 got = json.loads(r.stdout.strip().splitlines()[-1])
                 runs["caffe"].append(got["seconds"])
                 caffe_cpu = got["cpu"]
-        _, ours_cpu = bench_ours(proto, args.batches // 2, 0, 2)  # in-process: CPU per sample
         ours = float(np.median(runs["ours"]))
         res = {"images": args.images, "jpeg_bytes_avg": size, "batch": args.batch,
                "batches": args.batches, "repeat": args.repeat, "cpus": os.cpu_count(),
                "load_avg_1min": round(os.getloadavg()[0], 2),
                "ours_workers": args.workers,
                "ours_samples_per_s": [round(samples / t, 1) for t in runs["ours"]],
-               "ours_cpu_ms_per_sample": round(ours_cpu / (args.batches // 2 * args.batch)
-                                               * 1e3, 3)}
+               "ours_cpu_ms_per_sample": round(float(np.median(cpu)) * 1e3, 3)}
         if have_caffe:
             caffe = float(np.median(runs["caffe"]))
             res["caffe_samples_per_s"] = [round(samples / t, 1) for t in runs["caffe"]]
