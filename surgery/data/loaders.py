@@ -90,6 +90,11 @@ class _PixelBatch:
     draws: torch.Tensor
     rest: tuple[torch.Tensor, ...]
 
+    def pin_memory(self) -> _PixelBatch:
+        """Called by the DataLoader's pinning thread: the other tops are pinned there, the
+        finished data top in :meth:`CaffeLoader.__iter__`."""
+        return _PixelBatch(self.pixels, self.draws, tuple(t.pin_memory() for t in self.rest))
+
 
 def collate(items: list[Any], transformer: Transformer | None = None
             ) -> tuple[torch.Tensor, ...] | _PixelBatch | _Failure:
