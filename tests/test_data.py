@@ -132,6 +132,12 @@ def test_train_crop_and_mirror_statistics(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first, data[:100])
     other = next(iter(sd.loader(proto, "data", "train", seed=6)))[0].numpy()[:, 0]
     assert not np.array_equal(other, data[:100])
+    # a dataset that went through a loader still gives plain float items when indexed
+    from surgery.data.loaders import make_loader
+
+    ds = sd.dataset(proto, "data", "train", seed=1)
+    next(iter(make_loader(ds, workers=1)))
+    assert ds[0][0].dtype == np.float32 and ds[0][0].shape == (1, 7, 7)
 
 
 def test_test_phase_is_deterministic_without_mirror(tmp_path: Path) -> None:

@@ -99,14 +99,17 @@ class CaffeDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[np.ndarray, ...] | Any:
-        if isinstance(index, tuple):
-            i, position = index
-            rng = self.rng_for(position) if self._random else None
-        else:
-            i, rng = int(index), (self._process_rng() if self._random else None)
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} out of range ({len(self)} samples)")
+        if not isinstance(index, tuple):
+            i = int(index)
+            if not 0 <= i < len(self):
+                raise IndexError(f"sample {i} out of range ({len(self)} samples)")
+            return self.item(i, self._process_rng() if self._random else None)
+        # the loader's request: (index, position in Caffe's stream)
+        i, position = index
+        rng = self.rng_for(position) if self._random else None
         try:
+            if self.defer_float:
+                return self._pixels(i, rng)
             return self.item(i, rng)
         except SurgeryError as exc:
             if self.defer_errors:
@@ -139,13 +142,21 @@ class CaffeDataset(torch.utils.data.Dataset):
         if self.transformer is None:
             return tuple(np.asarray(a, np.float32) for a in raw)
         image, rest = raw[0], tuple(raw[1:len(self.tops)])
+        return (self.transformer(image, rng, item=self.source.describe(index)), *rest)
+
+    def _pixels(self, index: int, rng: np.random.Generator | None) -> _Pixels | tuple:
+        """Like :meth:`item`, but a uint8 image comes back cropped and mirrored only."""
+        raw = self.source.read(index)
         t = self.transformer
-        if self.defer_float and image.dtype == np.uint8:
-            t.check(image.shape, self.source.describe(index))
-            draw = t.draw(image.shape, rng)
-            rows, cols = t.window(*draw)
-            return _Pixels(np.ascontiguousarray(image[:, rows, cols]), draw, rest)  # type: ignore[return-value]
-        return (t(image, rng, item=self.source.describe(index)), *rest)
+        if t is None:
+            return tuple(np.asarray(a, np.float32) for a in raw)
+        image, rest = raw[0], tuple(raw[1:len(self.tops)])
+        if image.dtype != np.uint8:  # float_data: finished here
+            return (t(image, rng, item=self.source.describe(index)), *rest)
+        t.check(image.shape, self.source.describe(index))
+        draw = t.draw(image.shape, rng)
+        rows, cols = t.window(*draw)
+        return _Pixels(np.ascontiguousarray(image[:, rows, cols]), draw, rest)
 
     def describe(self) -> str:
         """One line: layer, phase, source and size."""
