@@ -79,7 +79,8 @@ def _text(rep: dict[str, Any]) -> str:
             lines.append(f"    histogram {{{hist}{f', ... {more} more' if more > 0 else ''}}}")
     rate = rep["samples_per_s"]
     lines.append(f"  read {rep['samples']} samples in {rep['seconds']:.3f} s"
-                 + (f" ({rate:.0f} samples/s, {rep['workers']} workers)" if rate else ""))
+                 + (f" ({rate:.0f} samples/s, {rep['workers']} workers"
+                    + (", their start-up included)" if rep["workers"] else ")") if rate else ""))
     if "dump" in rep:
         lines.append(f"  wrote {len(rep['dumped'])} files to {rep['dump']}")
     return "\n".join(lines)
