@@ -343,7 +343,7 @@ def test_layer_lookup_errors(tmp_path: Path) -> None:
     inp = tmp_path / "input.prototxt"
     inp.write_text('layer { name: "in" type: "Input" top: "x" '
                    'input_param { shape { dim: 1 dim: 3 } } }')
-    with pytest.raises(DataError, match="feed its tops"):
+    with pytest.raises(DataError, match=r"feed its tops \(x 1x3\) yourself"):
         sd.dataset(inp, "in", "test")
 
 

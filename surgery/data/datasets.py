@@ -198,8 +198,8 @@ def build_dataset(net: Net, layer_name: str, phase: str | NetState, *,
     phase = phase.phase if isinstance(phase, NetState) else NetState(phase).phase
     where = f"{net.source or 'net'}: layer {layer.name!r} ({layer.type}): "
     if layer.type in FEED_TYPES:
-        raise DataError(f"{where}an {layer.type} layer has no data source: feed its tops "
-                        f"({', '.join(layer.tops)}) yourself")
+        raise DataError(f"{where}this layer type has no data source: feed its tops "
+                        f"({_feed_shapes(layer)}) yourself")
     builders = {"Data": _build_data, "ImageData": _build_image_data,
                 "HDF5Data": _build_hdf5}
     if layer.type not in builders:
@@ -207,6 +207,19 @@ def build_dataset(net: Net, layer_name: str, phase: str | NetState, *,
             f"{where}no dataset for {layer.type} layers (supported: Data, ImageData, HDF5Data; "
             f"{', '.join(FEED_TYPES)} are fed by the user)")
     return builders[layer.type](net, layer, phase, where, seed)
+
+
+def _feed_shapes(layer: Layer) -> str:
+    """``data 1x3x224x224, label 1`` for a layer the user feeds (shapes as written)."""
+    from ..errors import SurgeryError as _Err
+    from ..shapes import top_shapes
+
+    try:
+        shapes = top_shapes(layer, [])
+    except _Err:
+        shapes = [None] * len(layer.tops)
+    return ", ".join(t if sh is None else f"{t} {'x'.join(str(d) for d in sh)}"
+                     for t, sh in zip(layer.tops, shapes, strict=True))
 
 
 def _transformer(net: Net, layer: Layer, phase: str, where: str, resolved: list[Resolved]
