@@ -233,6 +233,14 @@ def test_leveldb(tmp_path: Path) -> None:
         sd.loader(proto, "data", "test", workers=2)
 
 
+def test_leveldb_without_plyvel_says_how_to_get_it(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    write_leveldb(tmp_path / "db", [(b"k", datum_bytes(pixels(0, (1, 2, 2))))])
+    monkeypatch.setitem(sys.modules, "plyvel", None)  # import plyvel -> ImportError
+    with pytest.raises(DataError, match=r"needs the optional package plyvel \(pip install"):
+        sd.dataset(data_net(tmp_path, backend="LEVELDB"), "data", "test")
+
+
 # -- bad inputs: one clear error naming the file and the item -----------------------------------
 def test_missing_database(tmp_path: Path) -> None:
     proto = data_net(tmp_path, source="nowhere")
