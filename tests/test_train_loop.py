@@ -211,3 +211,15 @@ def test_accuracy_lowering_counts_ties_as_caffe() -> None:
     assert caffe_accuracy(x, y, 1, 1, None).item() == pytest.approx(0.5)
     assert caffe_accuracy(x, y, 2, 1, None).item() == pytest.approx(1.0)
     assert caffe_accuracy(x, y, 1, 1, 0).item() == pytest.approx(2 / 3)
+
+
+def test_bf16_autocast_and_channels_last_train(tmp_path: Path) -> None:
+    s = _solver(tmp_path, "display: 1\n")
+    t, lines = _trainer(s, amp="bf16", channels_last=True)
+    before = t.model.conv.weight.detach().clone()
+    t.step(2)
+    assert t.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(before, t.model.conv.weight)
+    assert t.model.conv.weight.dtype == torch.float32  # master weights stay float32
+    losses = [float(ln.rsplit("= ", 1)[1]) for ln in lines if "iter/s" in ln]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

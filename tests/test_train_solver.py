@@ -109,3 +109,20 @@ def test_parse_error_has_file_and_line(tmp_path: Path) -> None:
     s = _write(tmp_path, 'net: "net.prototxt"\nmax_iter: "ten"\n')
     with pytest.raises(ParseError, match=r"solver.prototxt:2"):
         load_solver(s)
+
+
+def test_reading_a_solver_imports_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    s = _write(tmp_path, 'net: "net.prototxt"\nlr_policy: "fixed"\nmax_iter: 1\n')
+    code = ("import sys; from surgery.train.solver import load_solver; "
+            f"load_solver({str(s)!r}); sys.exit(1 if 'torch' in sys.modules else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_solver_types_match_the_optimizers() -> None:
+    from surgery.train import optim, solver
+
+    assert tuple(optim.SOLVER_TYPES) == solver.SOLVER_TYPES

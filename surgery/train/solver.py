@@ -28,7 +28,6 @@ from typing import Any
 
 from ..errors import SolverError
 from ..net import Net, NetState
-from .optim import SOLVER_TYPES
 from .schedule import POLICIES
 
 __all__ = ["SolverConfig", "load_solver", "HONOURED", "REFUSED_WHEN_SET"]
@@ -54,6 +53,9 @@ REFUSED_WHEN_SET = {
     "ap_version": (None, "SSD's detection evaluation is not supported"),
     "show_per_class_result": (None, "SSD's detection evaluation is not supported"),
 }
+
+#: Caffe's solver types (surgery.train.optim implements each; not imported here: no torch).
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 
 _LEGACY_TYPES = {"SGD": "SGD", "NESTEROV": "Nesterov", "ADAGRAD": "AdaGrad",
                  "RMSPROP": "RMSProp", "ADADELTA": "AdaDelta", "ADAM": "Adam"}
