@@ -223,3 +223,39 @@ def test_bf16_autocast_and_channels_last_train(tmp_path: Path) -> None:
     assert t.model.conv.weight.dtype == torch.float32  # master weights stay float32
     losses = [float(ln.rsplit("= ", 1)[1]) for ln in lines if "iter/s" in ln]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_sigterm_snapshots_then_stops(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    net = tmp_path / "d.prototxt"
+    net.write_text("""name: "d"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""")
+    s = tmp_path / "s.prototxt"
+    s.write_text(f'net: "{net}"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 100000000\n'
+                 f'display: 50\nsnapshot_prefix: "{tmp_path / "run"}"\n')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.Popen([sys.executable, "-m", "surgery", "train", str(s), "--device", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert p.stdout is not None
+    for line in p.stdout:  # wait until it trains
+        if line.startswith("Iteration 50 "):
+            break
+    time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "SIGTERM received" in out and "Optimization stopped early." in out
+    snaps = sorted(tmp_path.glob("run_iter_*.solverstate"))
+    assert len(snaps) == 1 and snaps[0].with_suffix(".caffemodel").is_file()
+    assert caffe_io.read_solver_state(snaps[0])["iter"] > 50

@@ -416,8 +416,8 @@ class Trainer:
             self.iter += 1
             self.optimizer.iteration = self.iter
             request = self.stop_requested
-            if ((cfg.snapshot and self.iter % cfg.snapshot == 0 and self.rank == 0)
-                    or request == "snapshot"):
+            if self.rank == 0 and ((cfg.snapshot and self.iter % cfg.snapshot == 0)
+                                   or request == "snapshot"):
                 self.snapshot()
             if request is not None:
                 self._stopped_early = True
