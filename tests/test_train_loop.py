@@ -259,3 +259,22 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
     snaps = sorted(tmp_path.glob("run_iter_*.solverstate"))
     assert len(snaps) == 1 and snaps[0].with_suffix(".caffemodel").is_file()
     assert caffe_io.read_solver_state(snaps[0])["iter"] > 50
+
+
+def test_batchnorm_statistics_survive_snapshot_and_restore(tmp_path: Path) -> None:
+    s = _solver(tmp_path, "")
+    text = (tmp_path / "net.prototxt").read_text().replace(
+        'layer { name: "relu"',
+        'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }\n'
+        'layer { name: "sc" type: "Scale" bottom: "conv" top: "conv" '
+        "scale_param { bias_term: true } }\n"
+        'layer { name: "relu"')
+    (tmp_path / "net.prototxt").write_text(text)
+    t, _ = _trainer(s)
+    t.step(3)
+    _, state = t.snapshot()
+    again, _ = _trainer(s)
+    again.restore(state)
+    for k, v in _weights(t).items():
+        np.testing.assert_allclose(_weights(again)[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    assert len(caffe_io.read_solver_state(state)["history"]) == 9  # conv 2, bn 3, sc 2, ip 2

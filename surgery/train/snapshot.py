@@ -20,7 +20,7 @@ import torch
 
 from ..dataflow import resolve
 from ..errors import SolverError
-from ..net import Net, NetState, Param, freeze_array
+from ..net import Net, NetState
 
 __all__ = ["BlobRef", "blob_table", "learnable_order", "net_with_weights", "snapshot_paths",
            "history_blobs", "restore_history", "check_writable"]
@@ -55,37 +55,13 @@ def blob_table(model: torch.nn.Module) -> dict[tuple[str, int], BlobRef]:
     return out
 
 
-def _blob_array(ref: BlobRef, like: np.ndarray | None) -> np.ndarray:
-    arr = ref.tensor.detach().to("cpu", torch.float32).numpy().copy()
-    if like is not None and like.size == arr.size:
-        arr = arr.reshape(like.shape)
-    return arr
-
-
 def net_with_weights(net: Net, model: torch.nn.Module) -> Net:
-    """A copy of ``net`` whose blobs are the module's current values (every layer of that
-    name, as Caffe shares by name). BatchNorm's statistics are written as
-    ``[mean, var, factor 1]``, which Caffe reads as the same statistics."""
-    table = blob_table(model)
-    new = net.copy()
-    for layer in new.layers:
-        refs = {b: r for (name, b), r in table.items() if name == layer.name}
-        if not refs:
-            continue
-        n = max(max(refs) + 1, len(layer.params))
-        if layer.type == "BatchNorm":
-            n = max(n, 3)
-        params = list(layer.params) + [Param() for _ in range(n - len(layer.params))]
-        for i in range(n):
-            old = params[i].data
-            if i in refs:
-                arr = _blob_array(refs[i], old)
-            elif layer.type == "BatchNorm" and i == 2:
-                arr = np.ones(1, np.float32)
-            else:
-                continue
-            params[i] = dataclasses.replace(params[i], data=freeze_array(arr))
-        layer.params = params
+    """A copy of ``net`` whose blobs are the module's current values
+    (:func:`surgery.export.caffemodel.weights_from_torch`: every layer of that name, shared
+    blobs, BatchNorm in Caffe's scaled form)."""
+    from ..export.caffemodel import weights_from_torch
+
+    new, _ = weights_from_torch(model, net)
     return new
 
 
