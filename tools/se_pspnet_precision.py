@@ -142,6 +142,41 @@ def local_errors(net: Any, got: Mapping[str, np.ndarray], feed: Mapping[str, np.
     return out
 
 
+_CAFFE = r"""
+import sys
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+proto, weights, inp, out = sys.argv[1:5]
+keep = sys.argv[5].split(",")
+net = caffe.Net(proto, caffe.TEST, weights=weights)
+net.blobs["data"].data[...] = np.load(inp)
+net.forward()
+np.savez(out, **{"a%d" % i: net.blobs[k].data for i, k in enumerate(keep)})
+"""
+
+
+def _run_caffe(pycaffe: str, net: Any, feed: Mapping[str, np.ndarray], keep: list[str]
+               ) -> dict[str, np.ndarray]:
+    """The real Caffe's values of the blobs ``keep`` (a subprocess: the wrapper's python)."""
+    import subprocess
+
+    import surgery
+
+    with tempfile.TemporaryDirectory(prefix="se-psp-") as tmp:
+        proto, wfile = Path(tmp, "net.prototxt"), Path(tmp, "net.caffemodel")
+        surgery.save(net, proto, wfile)
+        np.save(Path(tmp, "x.npy"), feed["data"])
+        Path(tmp, "run.py").write_text(_CAFFE)
+        proc = subprocess.run([pycaffe, str(Path(tmp, "run.py")), str(proto), str(wfile),
+                               str(Path(tmp, "x.npy")), str(Path(tmp, "out.npz")),
+                               ",".join(keep)], capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise SystemExit(f"caffe failed: {(proc.stderr or proc.stdout)[-2000:]}")
+        with np.load(Path(tmp, "out.npz")) as z:
+            return {k: z[f"a{i}"] for i, k in enumerate(keep)}
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64).reshape(b.shape)
     return float(np.abs(a - b).max() / (np.abs(b).max() or 1.0))
@@ -153,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blocks", type=int, default=None, help="SE in the first N blocks only")
     ap.add_argument("--json", help="write the figures as JSON")
+    ap.add_argument("--caffe", metavar="PYCAFFE",
+                    help="also run the real Caffe (the reference build's pycaffe wrapper)")
     args = ap.parse_args(argv)
 
     from surgery.export.onnx import run_onnx, to_onnx
@@ -185,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                                key=lambda k: int(k.split("_")[1]), default=None)
                            for s in (2, 3, 4, 5)] + ["conv6_interp", "prob"]
     picks = [p for p in picks if p]
+    figures: dict[str, Any] = {"size": args.size, "seed": args.seed, "blobs": {}}
+    for k in order:
+        row = {b: _rel(r[k], ref[k]) for b, r in results.items() if k in r}
+        if "torch" in row and "onnxruntime" in row:
+            row["torch_vs_onnx"] = _rel(results["torch"][k],
+                                        np.asarray(results["onnxruntime"][k], np.float64))
+        figures["blobs"][k] = row
+    ref = {k: ref[k] for k in picks}  # every float64 blob is ~8 GB: keep the picked ones
     # The torch lowering in float64: the same graph with no float32 rounding anywhere (only
     # the picked blobs are kept: every blob of a 473x473 PSPNet in float64 is ~10 GB).
     import torch
@@ -200,17 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     moved64 = {k: v.numpy() for k, v in moved.items()}
     del gm64, out64, moved
     print(f"torch float64 (twice): {time.time() - t:.1f} s", flush=True)
-    figures: dict[str, Any] = {"size": args.size, "seed": args.seed, "blobs": {}}
-    for k in order:
-        row = {b: _rel(r[k], ref[k]) for b, r in results.items() if k in r}
-        if "torch" in row and "onnxruntime" in row:
-            row["torch_vs_onnx"] = _rel(results["torch"][k],
-                                        np.asarray(results["onnxruntime"][k], np.float64))
-        if k in torch64:
-            row["torch_float64"] = _rel(torch64[k], ref[k])
-            row["input_moved_2^-24"] = _rel(moved64[k], torch64[k])
-        figures["blobs"][k] = row
-    local = {b: local_errors(net, r, feed) for b, r in results.items()}
+    if args.caffe:
+        t = time.time()
+        results["caffe"] = _run_caffe(args.caffe, net, feed, [p for p in picks if "@" not in p])
+        print(f"caffe: {time.time() - t:.1f} s", flush=True)
+    for k in picks:
+        row = figures["blobs"][k]
+        if "caffe" in results and k in results["caffe"]:
+            want = np.asarray(results["caffe"][k], np.float64)
+            row["caffe"] = _rel(want, ref[k])
+            row["caffe_vs_torch"] = _rel(results["torch"][k], want)
+            row["caffe_vs_onnx"] = _rel(results["onnxruntime"][k], want)
+        row["torch_float64"] = _rel(torch64[k], ref[k])
+        row["input_moved_2^-24"] = _rel(moved64[k], torch64[k])
+    local = {b: local_errors(net, r, feed) for b, r in results.items() if b != "caffe"}
     figures["local_worst_by_type"] = {}
     for b, errs in local.items():
         by_type: dict[str, tuple[float, str]] = {}
@@ -220,13 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["local_worst_by_type"][b] = {t: {"rel": e, "blob": blob}
                                              for t, (e, blob) in sorted(by_type.items())}
     print("\nglobal error against reference64 (max|a-b| / max|ref|):")
-    print(f"{'blob':24} {'torch':>10} {'onnxruntime':>12} {'torch vs onnx':>14} "
+    nan = float("nan")
+    print(f"{'blob':24} {'torch':>10} {'onnxruntime':>12} {'caffe':>10} {'torch vs onnx':>14} "
           f"{'torch float64':>14} {'input moved 2^-24':>18}")
     for k in picks:
         r = figures["blobs"][k]
-        print(f"{k:24} {r['torch']:10.2e} {r['onnxruntime']:12.2e} {r['torch_vs_onnx']:14.2e} "
-              f"{r.get('torch_float64', float('nan')):14.2e} "
-              f"{r.get('input_moved_2^-24', float('nan')):18.2e}")
+        print(f"{k:24} {r['torch']:10.2e} {r['onnxruntime']:12.2e} {r.get('caffe', nan):10.2e} "
+              f"{r['torch_vs_onnx']:14.2e} {r.get('torch_float64', nan):14.2e} "
+              f"{r.get('input_moved_2^-24', nan):18.2e}")
     print("(torch float64: the torch lowering run in float64, against the numpy reference; "
           "input moved: float64 outputs for the input perturbed by float32 rounding)")
     print("\nworst local error per layer type (layer run on the backend's own inputs):")
