@@ -213,11 +213,13 @@ class Trainer:
             if dev.type == "cuda" and not torch.cuda.is_available():
                 raise SolverError(f"--device {device}: CUDA is not available here; use cpu")
             if dev.type == "cuda" and self.world_size > 1 and dev.index is None:
-                dev = torch.device("cuda", self.rank % torch.cuda.device_count())
+                # torchrun: init_from_env set this process's GPU (its LOCAL_RANK)
+                dev = torch.device("cuda", torch.cuda.current_device())
             return dev
         if self.cfg.solver_mode == "GPU" and torch.cuda.is_available():
-            idx = (self.cfg.device_id + self.rank) % torch.cuda.device_count()
-            return torch.device("cuda", idx)
+            if self.world_size > 1:
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cuda", self.cfg.device_id % torch.cuda.device_count())
         return torch.device("cpu")
 
     def _copy_weights(self, net: Net, path: str) -> Net:
