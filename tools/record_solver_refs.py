@@ -126,10 +126,12 @@ def parse_log(text: str) -> dict:
 
 
 def make_files(work: Path, frozen: bool, rng_seed: int = 0) -> dict[str, np.ndarray]:
-    import h5py
+    """Data, net and initial weights (init.caffemodel) for one case in ``work``."""
+    import dataclasses
 
     from surgery import caffe_io
     from surgery.fillers import fill
+    from surgery.net import Param, freeze_array
 
     rng = np.random.default_rng(rng_seed)
     arrays = {
@@ -146,14 +148,10 @@ def make_files(work: Path, frozen: bool, rng_seed: int = 0) -> dict[str, np.ndar
     net = caffe_io.load(work / "net.prototxt")
     for layer, (w, b) in (("conv", ("conv_w", "conv_b")), ("ip", ("ip_w", "ip_b"))):
         lay = net.layer(layer)
-        import dataclasses
-
-        from surgery.net import Param, freeze_array
         params = list(lay.params) + [Param() for _ in range(2 - len(lay.params))]
         lay.params = [dataclasses.replace(params[0], data=freeze_array(arrays[w])),
                       dataclasses.replace(params[1], data=freeze_array(arrays[b]))]
     caffe_io.save(net, weights=work / "init.caffemodel")
-    del h5py
     return arrays
 
 
