@@ -187,3 +187,11 @@ def test_current_step() -> None:
     assert schedule.current_step("step", 7, stepsize=3) == 2
     assert schedule.current_step("multistep", 5, stepvalue=[2, 5, 6]) == 2
     assert schedule.current_step("inv", 5) == 0
+
+
+def test_a_trainable_parameter_without_gradient_is_still_decayed() -> None:
+    """Caffe's diff of a blob no loss reaches is 0, and weight decay + momentum still apply."""
+    p = torch.nn.Parameter(torch.full((2,), 2.0))
+    opt = optim.SGD([p], lr=0.5, momentum=0.9, weight_decay=0.1)
+    opt.step()  # grad None: h = 0.5 * (0 + 0.1 * 2) = 0.1; w = 1.9
+    assert p.detach().tolist() == pytest.approx([1.9, 1.9])

@@ -16,8 +16,10 @@ Caffe's order, on the accumulated gradients:
 Groups carry ``lr_mult``/``decay_mult`` (as :func:`surgery.export.torch.param_groups` gives
 them); :meth:`CaffeOptimizer.set_rate` sets every group's ``lr`` to ``rate * lr_mult`` from the
 lr policy. The work is multi-tensor (``torch._foreach_*``), one launch per operation and group,
-like ``torch.optim.SGD(foreach=True)``. Parameters without a gradient (frozen, ``lr_mult: 0``)
-are skipped: Caffe's update leaves them unchanged too.
+like ``torch.optim.SGD(foreach=True)``. Parameters with ``requires_grad=False`` (frozen,
+``lr_mult: 0``) are skipped: Caffe's update leaves them unchanged too. A trainable parameter
+that got no gradient (no loss reaches it) is updated with a zero gradient, as Caffe updates a
+zero diff (weight decay and momentum still apply).
 
 History tensors (``state[p]["history"]``, plus ``"update_history"`` for AdaDelta and Adam's
 second moment) are Caffe's ``history_`` blobs, in the layout a ``.solverstate`` stores.
@@ -149,6 +151,10 @@ class CaffeOptimizer(torch.optim.Optimizer):
     def _grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
         out = []
         for g in self.param_groups:
+            for p in g["params"]:
+                # Caffe: a learnable blob no loss reaches has a zero diff, and is still decayed
+                if p.grad is None and p.requires_grad:
+                    p.grad = torch.zeros_like(p)
             ps = [p for p in g["params"] if p.grad is not None]
             if ps:
                 out.append((g, ps, [p.grad for p in ps]))
