@@ -70,6 +70,13 @@ def test_googlenet_two_stage_recipe(tmp_path: Path, monkeypatch, capsys) -> None
     assert s1.layer(head).params[0].data.shape == (7, init.layer(head).params[0].data.shape[1])
     # stage 2 starts from stage 1 and trains the trunk too
     assert not np.array_equal(s1.layer(trunk).params[0].data, s2.layer(trunk).params[0].data)
+    # the snapshot loads in OpenCV (with the deploy net of the trained definition)
+    cv2 = pytest.importorskip("cv2")
+    assert main(["deploy", "googlenet_ft_train_val.prototxt", "-o", "deploy.prototxt",
+                 "--input-shape", "1,3,32,32"]) == 0
+    cvnet = cv2.dnn.readNetFromCaffe("deploy.prototxt", "googlenet_ft_all_iter_3.caffemodel")
+    cvnet.setInput(np.zeros((1, 3, 32, 32), np.float32))
+    assert cvnet.forward().shape == (1, 7)
 
 
 def test_bad_stage_is_refused_before_training(tmp_path: Path, capsys) -> None:
