@@ -42,6 +42,39 @@ def _fill_option(p: argparse.ArgumentParser) -> None:
                    help="seed for --fill-missing (default: surgery.fillers.DEFAULT_SEED)")
 
 
+def _preprocess_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "preprocessing", "the steps from RGB images to the net input; default: the TEST data "
+        "layer's transform_param (train_val nets). Any of --mean-file/--mean-value/--scale/"
+        "--crop-size replaces it (deploy nets)")
+    g.add_argument("--mean-file", metavar="M.binaryproto",
+                   help="mean image (compute_image_mean's .binaryproto, or .npy), cropped at the "
+                   "image's crop offset as Caffe does")
+    g.add_argument("--mean-value", metavar="B,G,R", type=_floats,
+                   help="mean per channel in the net's order (e.g. 104,117,123), or one value")
+    g.add_argument("--scale", type=float, help="factor after the mean (transform_param.scale)")
+    g.add_argument("--crop-size", type=_integer, help="centre crop (transform_param.crop_size)")
+    g.add_argument("--input-order", type=str.lower, choices=["bgr", "rgb"],
+                   help="channel order the net reads (default bgr, Caffe's)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}"
+                                         ) from None
+
+
+def _spec(args: argparse.Namespace, net: Any, phase: str,
+          shapes: dict[str, tuple[int, ...]] | None) -> Any:
+    from ..export.preprocess import preprocess_spec
+
+    return preprocess_spec(net, phase, mean_file=args.mean_file, mean_values=args.mean_value,
+                           scale=args.scale, crop_size=args.crop_size,
+                           input_order=args.input_order, input_shapes=shapes)
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     """``surgery export onnx``."""
     from ..caffe_io import load
@@ -52,10 +85,22 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     net, filled = _fill_missing(args, load(args.net, args.weights))
     phase = args.phase.upper()
     shapes = input_shapes(net, args.input_shape, phase)
+    spec = None
+    if args.preprocess:
+        spec = _spec(args, net, phase, shapes)
+        if spec is None:
+            raise CliError("--preprocess: the net has no TEST data layer with a "
+                           "transform_param; give the steps with --mean-value/--mean-file, "
+                           "--scale, --crop-size, --input-order")
+    elif any(v is not None for v in (args.mean_file, args.mean_value, args.scale,
+                                      args.crop_size, args.input_order)):
+        raise CliError("--mean-file/--mean-value/--scale/--crop-size/--input-order need "
+                       "--preprocess rgb255|rgb01 for an ONNX export")
     from ..export.onnx import save_onnx
 
     model = save_onnx(net, args.output, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                      fold_bn=args.fold_bn, input_shapes=shapes, phase=phase)
+                      fold_bn=args.fold_bn, input_shapes=shapes, phase=phase,
+                      preprocess=spec, pixels=args.preprocess or "rgb255")
     graph = model.graph
     rep = {
         "output": args.output,
@@ -91,12 +136,18 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     phase = args.phase.upper()
     shapes = input_shapes(net, args.input_shape, phase)
     outputs = _blob_list(args.outputs, "--outputs") if args.outputs else None
+    spec = _spec(args, net, phase, shapes)
+    if spec is not None and args.mean_file is not None:
+        inputs.append(args.mean_file)
     save_torch(net, args.output, phase, shapes, detection_output=args.detection_output,
-               outputs=outputs, inputs=inputs)
+               outputs=outputs, inputs=inputs, preprocess=spec)
     files = sorted(p.name for p in out.iterdir())
     meta = json.loads((out / "caffe_names.json").read_text(encoding="utf-8"))
+    pre = [f"preprocess(images) -> {spec.input!r} ({spec.origin}): {'; '.join(spec.steps())}"
+           if spec is not None else "no preprocessing carried (a deploy net: give "
+           "--mean-value/--mean-file, --scale, --crop-size, --input-order to write preprocess())"]
     rep = {"output": args.output, "phase": phase, "files": files, "inputs": meta["inputs"],
-           "outputs": meta["outputs"], "notes": filled + meta["notes"]}
+           "outputs": meta["outputs"], "notes": filled + meta["notes"] + pre}
     lines = [f"note: {n}" for n in rep["notes"]]
     lines.append(f"wrote {args.output}/: {', '.join(files)}; inputs "
                  f"{', '.join(rep['inputs'])}, outputs {', '.join(rep['outputs'])}")
@@ -236,6 +287,10 @@ def register(sub: Any) -> None:
     p.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNorm (+Scale) into the convolution before it")
     add_input_shape_option(p)
+    p.add_argument("--preprocess", choices=["rgb255", "rgb01"],
+                   help="put the preprocessing in front of the graph: a new NHWC input 'image' "
+                   "of RGB uint8 0-255 (rgb255) or float 0-1 (rgb01) replaces the data input")
+    _preprocess_options(p)
     _fill_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_onnx)
@@ -255,6 +310,7 @@ def register(sub: Any) -> None:
         "relu7) as a dict {name: tensor}, always a dict; only the layers they need are exported",
     )
     add_input_shape_option(p)
+    _preprocess_options(p)
     _fill_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export_torch)

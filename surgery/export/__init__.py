@@ -9,6 +9,8 @@ Imported lazily: ``import surgery.export`` pulls neither torch nor onnx until a 
 * :func:`to_caffemodel`, :func:`weights_from_torch`, :func:`read_torch_dir` --
   :mod:`surgery.export.caffemodel` (trained PyTorch weights back to a caffemodel).
 * :func:`to_onnx` and friends -- :mod:`surgery.export.onnx`.
+* :func:`preprocess_spec`, :class:`PreprocessSpec` -- :mod:`surgery.export.preprocess` (the
+  steps from RGB images to a net input, carried into both exports).
 * :mod:`surgery.export.common` -- the lowering facts both exporters share.
 * :mod:`surgery.export.reference` -- a small numpy reference of the tricky layer semantics.
 """
@@ -32,6 +34,8 @@ _WHERE = {
     "torch_supported_types": "torch",
     "to_onnx": "onnx",
     "save_onnx": "onnx",
+    "preprocess_spec": "preprocess",
+    "PreprocessSpec": "preprocess",
     "plan": "common",
     "ExportPlan": "common",
 }

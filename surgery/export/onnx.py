@@ -29,6 +29,7 @@ Caffe facts that need care in ONNX, and how they are lowered:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +61,7 @@ from .common import (
     pool_pads,
     prior_boxes,
 )
+from .preprocess import PreprocessSpec, check_input
 
 __all__ = [
     "to_onnx",
@@ -76,6 +78,7 @@ __all__ = [
 FLT_MIN = 1.1754943508222875e-38  # Caffe clamps probabilities to it before the log
 MIN_OPSET = 13  # Softmax over one axis (Caffe's meaning) needs 13
 MAX_OPSET = 21  # the newest opset every onnxruntime >= 1.20 runs
+PIXELS = ("rgb255", "rgb01")  # --preprocess: the new input's values
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
 
 Lowering = Callable[["_Graph", Node, list[str], list[str]], None]
@@ -1110,6 +1113,8 @@ def to_onnx(
     *,
     phase: str = "TEST",
     expose_blobs: bool = False,
+    preprocess: PreprocessSpec | None = None,
+    pixels: str = "rgb255",
 ) -> onnx.ModelProto:
     """Build an ONNX model computing what Caffe computes for ``net`` in ``phase``.
 
@@ -1124,6 +1129,11 @@ def to_onnx(
             tops become outputs).
         expose_blobs: also make every blob a graph output, to compare every intermediate
             with Caffe (earlier in-place versions as ``<blob>@<layer>``).
+        preprocess: put these steps (:mod:`surgery.export.preprocess`) in front of the graph:
+            a new input ``image`` (RGB, NHWC) replaces ``preprocess.input``; the model's
+            ``metadata_props`` (``caffe_surgery.preprocess``) and ``doc_string`` say so.
+        pixels: the new input's values: ``"rgb255"`` (uint8 0-255) or ``"rgb01"`` (float
+            0-1).
 
     Returns:
         The model; ``onnx.checker.check_model(model, full_check=True)`` passes. Its
@@ -1161,6 +1171,11 @@ def to_onnx(
         g.scope = node.layer.name
         _TABLE[node.layer.type].fn(g, node, [tensor(v) for v in node.inputs],
                                    [tensor(v) for v in node.outputs])
+    pre_input = pre_note = None
+    if preprocess is not None:
+        start = len(g.nodes)
+        pre_input, pre_note = _preprocess_nodes(g, preprocess, pixels, p.inputs, tensor)
+        g.nodes[:] = g.nodes[start:] + g.nodes[:start]  # in front: nodes in topological order
     outputs = list(p.outputs)
     if expose_blobs:
         taken = {tensor(v) for v in outputs} | {tensor(v) for v in p.inputs}
@@ -1180,15 +1195,85 @@ def to_onnx(
     graph = helper.make_graph(
         g.nodes,
         net.name or "caffe_net",
-        [_value_info(tensor(v), info.shape(v), dynamic_batch) for v in p.inputs],
+        [pre_input if preprocess is not None and v.name == preprocess.input else
+         _value_info(tensor(v), info.shape(v), dynamic_batch) for v in p.inputs],
         list(out_infos.values()),
         initializer=g.inits,
     )
     opset_id = helper.make_opsetid("", opset)
     model = helper.make_model(graph, opset_imports=[opset_id], producer_name="caffe-surgery",
                               ir_version=helper.find_min_ir_version_for([opset_id]))
-    model.doc_string = "\n".join(p.notes + fold.notes)
+    model.doc_string = "\n".join(p.notes + fold.notes + ([pre_note] if pre_note else []))
+    if preprocess is not None:
+        meta = {**preprocess.to_json(with_mean=False), "pixels": pixels,
+                "graph_input": pre_input.name}
+        helper.set_model_props(model, {"caffe_surgery.preprocess": json.dumps(meta),
+                                       "caffe_surgery.input": pre_note})
     return model
+
+
+def _preprocess_nodes(g: _Graph, spec: PreprocessSpec, pixels: str, inputs: Sequence[Value],
+                      tensor: Callable[[Value], str]) -> tuple[onnx.ValueInfoProto, str]:
+    """Nodes computing the net input ``spec.input`` from a new RGB NHWC input (uint8 for
+    ``rgb255``, float for ``rgb01``): Cast, Transpose, Gather (RGB->BGR), Mul 255, Slice
+    (centre crop; dynamic offsets when the image size is free), Sub (mean), Mul (scale)."""
+    if pixels not in PIXELS:
+        raise SurgeryError(f"--preprocess {pixels!r}: choose {' or '.join(PIXELS)}")
+    found = [v for v in inputs if v.name == spec.input]
+    if not found:
+        raise SurgeryError(f"preprocessing ({spec.origin}) feeds {spec.input!r}, which is not an "
+                           f"input of the export (inputs: {[v.name for v in inputs]})")
+    target = tensor(found[0])
+    shape = g.info.shape(found[0])
+    check_input(spec, [v.name for v in inputs], shape)
+    g.scope = "preprocess"
+    name = g.fresh("image")
+    c = spec.channels
+    size = spec.image_size
+    if size is not None:
+        h, w = size
+    elif spec.crop_size:
+        h, w = "H", "W"  # any size >= the crop: offsets computed in the graph
+    else:
+        h, w = (int(shape[2]), int(shape[3])) if shape and len(shape) == 4 else ("H", "W")
+    batch = "N" if g.dynamic_batch or not shape else int(shape[0])
+    dtype = onnx.TensorProto.UINT8 if pixels == "rgb255" else onnx.TensorProto.FLOAT
+    value = helper.make_tensor_value_info(name, dtype, [batch, h, w, c])
+    x = name
+    if pixels == "rgb255":
+        x = g.op("Cast", [x], to=onnx.TensorProto.FLOAT)
+    x = g.op("Transpose", [x], perm=[0, 3, 1, 2])
+    if spec.swap:
+        x = g.op("Gather", [x, g.ints("bgr", [2, 1, 0])], axis=1)
+    if pixels == "rgb01":
+        x = g.op("Mul", [x, g.const("x255", np.float32(255))])
+    crop = spec.crop_size
+    if crop and size is not None:
+        h0, w0 = (size[0] - crop) // 2, (size[1] - crop) // 2
+        x = g.op("Slice", [x, g.ints("starts", [h0, w0]), g.ints("ends", [h0 + crop, w0 + crop]),
+                           g.ints("axes", [2, 3])])
+    elif crop:
+        hw = g.op("Slice", [g.op("Shape", [x]), g.ints("hw_from", [2]), g.ints("hw_to", [4])])
+        starts = g.op("Div", [g.op("Sub", [hw, g.ints("crop", [crop, crop])]),
+                              g.ints("two", [2, 2])])
+        ends = g.op("Add", [starts, g.ints("crop_", [crop, crop])])
+        x = g.op("Slice", [x, starts, ends, g.ints("axes", [2, 3])])
+    if spec.mean_image is not None:
+        mh, mw = spec.mean_image.shape[1:]
+        ch, cw = (crop, crop) if crop else (mh, mw)
+        h0, w0 = (mh - ch) // 2, (mw - cw) // 2
+        x = g.op("Sub", [x, g.const("mean", spec.mean_image[None, :, h0:h0 + ch, w0:w0 + cw])])
+    elif spec.mean_values:
+        mv = np.asarray(spec.mean_values, np.float32)
+        mv = mv if len(mv) == c else np.repeat(mv[:1], c)
+        x = g.op("Sub", [x, g.const("mean", mv.reshape(1, c, 1, 1))])
+    if spec.scale != 1:
+        x = g.op("Mul", [x, g.const("scale", np.float32(spec.scale))])
+    g.op("Identity", [x], target)
+    what = "uint8 0-255" if pixels == "rgb255" else "float 0-1"
+    note = (f"input {name!r}: RGB images, {what}, NHWC {batch}x{h}x{w}x{c}; preprocessed in the "
+            f"graph into {spec.input!r} ({'; '.join(spec.steps())})")
+    return value, note
 
 
 def save_onnx(
@@ -1201,6 +1286,8 @@ def save_onnx(
     *,
     phase: str = "TEST",
     external_threshold: int | None = None,
+    preprocess: PreprocessSpec | None = None,
+    pixels: str = "rgb255",
 ) -> onnx.ModelProto:
     """Export ``net``, check the model fully and write it to ``path`` atomically.
 
@@ -1219,7 +1306,8 @@ def save_onnx(
     """
     from .. import _atomic
 
-    model = to_onnx(net, opset, dynamic_batch, fold_bn, input_shapes, phase=phase)
+    model = to_onnx(net, opset, dynamic_batch, fold_bn, input_shapes, phase=phase,
+                    preprocess=preprocess, pixels=pixels)
     limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     out = Path(path)
     external = sum(t.ByteSize() for t in model.graph.initializer) > limit
@@ -1278,6 +1366,9 @@ def providers(device: str = "auto") -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
+_ORT_TYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
+
+
 def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
              device: str = "auto") -> dict[str, np.ndarray]:
     """Run a model with onnxruntime; returns every graph output by name."""
@@ -1287,6 +1378,6 @@ def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers(device))
     names = [o.name for o in sess.get_outputs()]
-    feed = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32)
+    feed = {i.name: np.ascontiguousarray(inputs[i.name], dtype=_ORT_TYPES.get(i.type, np.float32))
             for i in sess.get_inputs()}
     return dict(zip(names, sess.run(names, feed), strict=True))

@@ -53,6 +53,7 @@ from ..net import Net, NetState
 from . import _torch_runtime as rt
 from . import common
 from .finetune import param_groups
+from .preprocess import PreprocessSpec
 
 __all__ = [
     "lowering",
@@ -99,6 +100,7 @@ def torch_supported_types() -> frozenset[str]:
 _MODULE_ATTRS = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("_")) | {
     "caffe_names", "caffe_lr", "input_names", "output_names", "loss_weights", "total_loss_key",
     "notes", "caffe_phase", "CAFFE_LR", "CAFFE_NAMES", "CAFFE_PHASE", "load_weights",
+    "input_shapes",
 }
 
 
@@ -742,7 +744,7 @@ class _Root(nn.Module):
 
 #: The attributes :func:`to_torch` sets on its module (see its Returns).
 _EXPORT_ATTRS = ("caffe_names", "caffe_lr", "input_names", "output_names", "loss_weights",
-                 "total_loss_key", "notes", "caffe_phase")
+                 "total_loss_key", "notes", "caffe_phase", "input_shapes")
 
 
 class _CaffeGraphModule(fx.GraphModule):
@@ -940,6 +942,7 @@ def to_torch(
     gm.caffe_names = ctx.caffe_names
     gm.caffe_lr = ctx.lr
     gm.input_names = [v.name for v in plan.inputs]
+    gm.input_shapes = {v.name: plan.input_shape(v) for v in plan.inputs}
     gm.output_names = list(result)
     gm.loss_weights = loss_weights
     gm.total_loss_key = total_key if plan.losses and outputs is None else None
@@ -1059,11 +1062,15 @@ def _module_ctor(mod: nn.Module) -> str:
     raise TypeError(f"no source for module {type(mod).__name__}")
 
 
-def generate_source(gm: fx.GraphModule, class_name: str = "CaffeNet") -> str:
+def generate_source(gm: fx.GraphModule, class_name: str = "CaffeNet",
+                    preprocess: Mapping[str, Any] | None = None) -> str:
     """Standalone Python source of ``gm``: a readable ``nn.Module`` needing only torch.
 
     Caffe names appear only inside ``repr()`` string literals; identifiers are the sanitized
     module and value names (checked with ``str.isidentifier``), so any layer name is safe.
+    With ``preprocess`` (:meth:`PreprocessSpec.to_json`) the file also defines
+    ``preprocess(images, layout=None, pixel_range=None)``, reading a mean image from
+    ``preprocess.json`` beside it.
     """
     if not class_name.isidentifier():
         raise ValueError("class_name must be an identifier")
@@ -1071,7 +1078,8 @@ def generate_source(gm: fx.GraphModule, class_name: str = "CaffeNet") -> str:
     runtime_names = {n for n, _ in inspect.getmembers(rt) if n.startswith(("caffe_", "Caffe",
                                                                           "CAFFE_"))}
     reserved = _RESERVED | runtime_names | {"float", "param_groups", "set_trainable",
-                                            "freeze_bn", "load_weights", class_name}
+                                            "freeze_bn", "load_weights", class_name,
+                                            "preprocess", "PREPROCESS", "_PREPROCESS_MEAN"}
     names: dict[fx.Node, str] = {}
     taken: set[str] = set(reserved)
 
@@ -1212,10 +1220,63 @@ def generate_source(gm: fx.GraphModule, class_name: str = "CaffeNet") -> str:
         '    """BatchNorm statistics fixed under model.train(): see caffe_freeze_bn."""',
         "    return caffe_freeze_bn(model, layers, fixed)",
         "",
+        *(_preprocess_source(preprocess) if preprocess is not None else []),
     ]
     src = "\n".join(out)
     compile(src, "model.py", "exec")  # never write source that does not parse
     return src
+
+
+def _json_lit(v: Any) -> str:
+    """A Python literal for JSON data (dict keys and strings through ``repr``)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{str(k)!r}: {_json_lit(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_json_lit(x) for x in v) + "]"
+    return _lit(v)
+
+
+def _preprocess_source(spec: Mapping[str, Any]) -> list[str]:
+    """``preprocess(images)`` for model.py: the copied :mod:`._torch_preprocess` source, the
+    spec as a literal (the mean image's values stay in preprocess.json) and a thin wrapper."""
+    from . import _torch_preprocess as tp
+
+    body = _strip_docstring(inspect.getsource(tp))
+    body = "\n".join(ln for ln in body.splitlines()
+                     if ln not in ("from __future__ import annotations", "import torch"))
+    spec = dict(spec)
+    if spec.get("mean_image"):
+        spec["mean_image"] = {k: v for k, v in spec["mean_image"].items() if k != "base64"}
+    return [
+        "",
+        "# ---- preprocessing (copied from surgery/export/_torch_preprocess.py) ----",
+        body.strip("\n"),
+        "",
+        "",
+        "# The steps from an RGB image to the net input (PREPROCESS['steps'] says them in words);",
+        "# preprocess.json holds the same, and the mean image's values when there is one.",
+        f"PREPROCESS = {_json_lit(spec)}",
+        "_PREPROCESS_MEAN: list = []",
+        "",
+        "",
+        "def preprocess(images, layout=None, pixel_range=None):",
+        '    """RGB images -> exactly the input Caffe expects (for PREPROCESS["input"]).',
+        "",
+        "    images: a tensor or array, uint8 0-255 or float 0-1 (pixel_range=255 or 1",
+        "    overrides): one HWC image, or an NHWC or NCHW batch (3-D is HWC; 4-D is told apart",
+        "    by which axis has the channel count; layout='HWC'|'CHW'|'NHWC'|'NCHW' overrides).",
+        "    Returns the NCHW float32 tensor: float, RGB->BGR when the net reads BGR, x255 for",
+        "    0-1 input, centre crop, minus the mean (image or values), times the scale.",
+        '    """',
+        "    if PREPROCESS['mean_image'] and not _PREPROCESS_MEAN:",
+        "        import os",
+        "",
+        "        here = os.path.dirname(os.path.abspath(__file__))",
+        "        _PREPROCESS_MEAN.append(caffe_read_mean(os.path.join(here, 'preprocess.json')))",
+        "    mean = _PREPROCESS_MEAN[0] if _PREPROCESS_MEAN else None",
+        "    return caffe_preprocess(images, PREPROCESS, mean, layout, pixel_range)",
+        "",
+    ]
 
 
 def _strip_docstring(src: str) -> str:
@@ -1227,7 +1288,8 @@ def _strip_docstring(src: str) -> str:
 
 #: The files an export writes; a folder holding only these (and Python's ``__pycache__``) is a
 #: previous export that a new one may replace.
-EXPORT_FILES = ("model.py", "weights.safetensors", "caffe_names.json", "net.prototxt")
+EXPORT_FILES = ("model.py", "weights.safetensors", "caffe_names.json", "net.prototxt",
+                "preprocess.json")
 
 
 def previous_export(folder: str | os.PathLike[str]) -> bool:
@@ -1323,9 +1385,12 @@ def save_torch(
     detection_output: bool = False,
     outputs: Sequence[str] | None = None,
     inputs: Sequence[str | os.PathLike[str] | None] = (),
+    preprocess: PreprocessSpec | None = None,
 ) -> Path:
     """Write ``model.py``, ``weights.safetensors``, ``caffe_names.json`` and ``net.prototxt``
-    (the definition exported, for ``surgery import-torch``) into ``out_dir``.
+    (the definition exported, for ``surgery import-torch``) into ``out_dir``; with
+    ``preprocess`` also ``preprocess.json`` and a ``preprocess(images)`` function in
+    ``model.py`` (:mod:`surgery.export.preprocess`).
 
     Everything is written into a temporary folder beside ``out_dir`` and renamed into place
     (:mod:`surgery._atomic`), so a failure or a signal leaves no partial output. An existing
@@ -1345,6 +1410,8 @@ def save_torch(
         outputs: see :func:`to_torch` (the module then returns a dict of those blobs).
         inputs: more files the folder must not hold (the net's ``source`` and
             ``weights_source`` are always included).
+        preprocess: the steps from RGB images to the net input
+            (:func:`surgery.export.preprocess.preprocess_spec`), or None.
 
     Returns:
         The output folder.
@@ -1363,7 +1430,14 @@ def save_torch(
     out = check_export_folder(out_dir, sources, overwrite=overwrite)
     gm = to_torch(net, phase, input_shapes, missing=missing, seed=seed,
                   detection_output=detection_output, outputs=outputs)
-    src = generate_source(gm)
+    pre = None
+    if preprocess is not None:
+        from .preprocess import check_input
+
+        shapes = getattr(gm, "input_shapes", {}) or {}
+        check_input(preprocess, list(gm.input_names), shapes.get(preprocess.input))
+        pre = preprocess.to_json()
+    src = generate_source(gm, preprocess=pre)
     if not out.parent.is_dir():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -1385,6 +1459,9 @@ def save_torch(
             save_model(gm, str(tmp / "weights.safetensors"))
             (tmp / "caffe_names.json").write_text(
                 json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+            if pre is not None:
+                (tmp / "preprocess.json").write_text(
+                    json.dumps(pre, indent=1, ensure_ascii=False), encoding="utf-8")
         except OSError as exc:
             raise SurgeryError(f"{out_dir}: cannot write: {exc.strerror or exc}") from None
     return Path(out_dir)
