@@ -26,6 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from surgery._proto import caffe_pb2
+from surgery.layers import _is_repeated
 
 __all__ = [
     "V0_TYPE_TO_V1",
@@ -339,7 +340,7 @@ def fold_v0_padding(net: caffe_pb2.NetParameter, source: str = "<net>") -> list[
 
 def _set_field(target: Message, field: str, value: object) -> None:
     descriptor = target.DESCRIPTOR.fields_by_name[field]
-    if descriptor.is_repeated:
+    if _is_repeated(descriptor):
         getattr(target, field).append(value)
     elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
         assert isinstance(value, Message)
@@ -540,7 +541,7 @@ def _upgrade_v1_layer(
         compatible = (
             target is not None
             and target.type == descriptor.type
-            and target.is_repeated == descriptor.is_repeated
+            and _is_repeated(target) == _is_repeated(descriptor)
             and (
                 descriptor.type != FieldDescriptor.TYPE_MESSAGE
                 or target.message_type.full_name == descriptor.message_type.full_name
@@ -551,7 +552,7 @@ def _upgrade_v1_layer(
                 f"{source}: V1 layer {label} sets '{descriptor.name}', which has no counterpart "
                 "of the same type in the V2 LayerParameter; rewrite the layer in V2 format."
             )
-        if descriptor.is_repeated:
+        if _is_repeated(descriptor):
             getattr(out, descriptor.name).extend(value)
         elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
             getattr(out, descriptor.name).CopyFrom(value)

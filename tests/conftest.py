@@ -23,6 +23,14 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def needs(*modules: str) -> pytest.MarkDecorator:
+    """Skip a test where an optional module is missing (the minimum-version CI run installs the
+    core only: protobuf and numpy, no torch/onnx/lmdb); with the extras installed it runs."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"needs {', '.join(missing)} (an extra of caffe-surgery)")
+
+
 def import_generated(path: Path, name: str) -> ModuleType:
     """Import a generated ``model.py`` from ``path`` without leaving it in ``sys.modules``."""
     spec = importlib.util.spec_from_file_location(name, path)

@@ -13,7 +13,7 @@ import pytest
 
 from surgery.cli import main
 
-from .conftest import GOLDEN, ROOT
+from .conftest import GOLDEN, ROOT, needs
 
 LENET = GOLDEN / "lenet"
 NET, WEIGHTS = str(LENET / "net.prototxt"), str(LENET / "weights.caffemodel")
@@ -150,6 +150,7 @@ def test_verify_bad_input(argv: list[str], what: str, capsys: pytest.CaptureFixt
     assert what in capsys.readouterr().err
 
 
+@needs("torch")
 def test_export_torch_with_detection_output(tmp_path):
     """`--detection-output` puts Caffe's DetectionOutput in model.py (SSD nets)."""
     from surgery.cli import main

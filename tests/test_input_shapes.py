@@ -20,7 +20,7 @@ from surgery.cli import main, parse_input_shapes
 from surgery.net import Param
 from surgery.ops._common import fill_missing_weights
 
-from .conftest import import_generated
+from .conftest import import_generated, needs
 
 TRAIN_VAL = """
 name: "tiny_tv"
@@ -137,6 +137,7 @@ def test_export_torch_and_onnx_need_no_input_shape(
     assert not (tmp_path / "t4").exists()
 
 
+@needs("torch")
 def test_export_torch_phase_train_from_cli(
     tv: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,7 +15,7 @@ from surgery.cli import main
 from surgery.errors import NetError
 from surgery.ops.init import init_weights, missing_weights
 
-from .conftest import GOLDEN, ZOO
+from .conftest import GOLDEN, ZOO, needs
 from .test_ops_insert import TINY
 from .test_verbs_check import assert_passes_check
 
@@ -187,7 +187,8 @@ def test_googlenet_train_val_with_deploy_weights_fill_missing(tmp_path, capsys):
     assert_passes_check(out, out_w)
 
 
-@pytest.mark.parametrize("target", ["onnx", "torch"])
+@pytest.mark.parametrize("target", [pytest.param("onnx", marks=needs("onnx")),
+                                    pytest.param("torch", marks=needs("torch"))])
 def test_export_fill_missing(target, partial, tmp_path, capsys):
     # the CLI face of the Python missing='fill': exports draw the layers a caffemodel lacks
     proto, weights = partial

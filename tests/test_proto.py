@@ -72,7 +72,7 @@ def _normalized(fdp: descriptor_pb2.FileDescriptorProto) -> bytes:
 
 @pytest.mark.skipif(
     importlib.util.find_spec("grpc_tools") is None,
-    reason="grpcio-tools not installed (only needed to regenerate)",
+    reason="grpcio-tools not installed (the `test` extra installs it)",
 )
 def test_generated_descriptor_equals_compiled_proto(tmp_path):
     out = tmp_path / "caffe.pb"
@@ -211,8 +211,9 @@ def _kind(text: str) -> str:
     keys = _top_level_keys(text)
     if keys == {"item"}:
         return "labelmap"
-    net_fields = set(caffe_pb2.NetParameter.DESCRIPTOR.fields_by_name)
-    solver_fields = set(caffe_pb2.SolverParameter.DESCRIPTOR.fields_by_name)
+    # .keys(): protobuf 4.21's upb maps iterate over the descriptors, not the names
+    net_fields = set(caffe_pb2.NetParameter.DESCRIPTOR.fields_by_name.keys())
+    solver_fields = set(caffe_pb2.SolverParameter.DESCRIPTOR.fields_by_name.keys())
     if keys - net_fields and keys <= solver_fields:
         return "solver"
     return "net"

@@ -12,7 +12,7 @@ import pytest
 from surgery import _atomic
 from surgery.cli import main
 
-from .conftest import GOLDEN
+from .conftest import GOLDEN, needs
 
 LENET = GOLDEN / "lenet"
 
@@ -39,6 +39,7 @@ def lenet(tmp_path: Path) -> tuple[Path, Path]:
 
 
 # -- item 1: export torch never deletes a folder it did not write --------------------------------
+@needs("torch")
 def test_export_torch_into_the_folder_of_its_inputs_is_refused(
     tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -50,6 +51,7 @@ def test_export_torch_into_the_folder_of_its_inputs_is_refused(
     assert _snapshot(tmp_path) == before
 
 
+@needs("torch")
 def test_export_torch_into_a_folder_with_other_files_is_refused(
     tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -64,6 +66,7 @@ def test_export_torch_into_a_folder_with_other_files_is_refused(
     assert _snapshot(tmp_path) == before
 
 
+@needs("torch")
 @pytest.mark.parametrize("where", [".", "..", "./", "sub/.."])
 def test_export_torch_to_the_current_folder_or_above_is_refused(
     tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
@@ -79,6 +82,7 @@ def test_export_torch_to_the_current_folder_or_above_is_refused(
     assert _snapshot(tmp_path) == before
 
 
+@needs("torch")
 def test_export_torch_replaces_a_previous_export_as_a_whole(
     tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -103,6 +107,7 @@ def test_export_torch_replaces_a_previous_export_as_a_whole(
     assert main(["export", "torch", str(net), "--weights", str(weights), "-o", str(empty)]) == 0
 
 
+@needs("torch")
 def test_export_torch_never_replaces_a_previous_export_holding_an_input(
     tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -119,6 +124,7 @@ def test_export_torch_never_replaces_a_previous_export_holding_an_input(
     assert _snapshot(tmp_path) == before
 
 
+@needs("torch")
 def test_export_torch_onto_a_file_is_refused(
     tmp_path: Path, lenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

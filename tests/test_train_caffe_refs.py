@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from surgery import caffe_io
-from surgery.train import Trainer
+pytest.importorskip("torch")  # the `train` extra
+
+from surgery import caffe_io  # noqa: E402
+from surgery.train import Trainer  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "solver_refs.json").read_text())

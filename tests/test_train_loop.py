@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from surgery import caffe_io
-from surgery.cli import main
-from surgery.errors import SolverError
-from surgery.train import Trainer
+torch = pytest.importorskip("torch")  # the `train` extra
+
+from surgery import caffe_io  # noqa: E402
+from surgery.cli import main  # noqa: E402
+from surgery.errors import SolverError  # noqa: E402
+from surgery.train import Trainer  # noqa: E402
 
 NET = """name: "tiny"
 layer { name: "data" type: "MemoryData" top: "data" top: "label"

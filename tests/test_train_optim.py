@@ -12,9 +12,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from surgery.train import optim, schedule
+torch = pytest.importorskip("torch")  # the `train` extra
+
+from surgery.train import optim, schedule  # noqa: E402
 
 f32 = np.float32
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from surgery.errors import ParseError, SolverError
-from surgery.train.solver import load_solver
+pytest.importorskip("torch")  # surgery.train needs the `train` extra
+
+from surgery.errors import ParseError, SolverError  # noqa: E402
+from surgery.train.solver import load_solver  # noqa: E402
 
 NET = """name: "tiny"
 layer { name: "data" type: "DummyData" top: "data" top: "label"
