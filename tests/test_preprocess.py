@@ -319,3 +319,16 @@ def test_cli_export_torch_and_onnx(tmp_path, capsys):
     assert main(["export", "torch", str(dep), "-o", str(d), "--fill-missing",
                  "--mean-value", "104,117,123", "--scale", "0.017"]) == 0
     assert json.loads((d / "preprocess.json").read_text())["mean_values"] == [104, 117, 123]
+
+
+def test_export_torch_goes_on_without_the_mean_file(tmp_path, capsys):
+    # a zoo train_val names a mean file that is not here: the export is written without
+    # preprocess(), and the report says why and how to carry it
+    text = TRAIN_VAL.replace("mean_value: 10 mean_value: 20 mean_value: 30",
+                             'mean_file: "nowhere/mean.binaryproto"')
+    tv = _write(tmp_path, text)
+    out = tmp_path / "t"
+    assert main(["export", "torch", str(tv), "-o", str(out), "--fill-missing"]) == 0
+    said = capsys.readouterr().out
+    assert "no preprocessing carried" in said and "nowhere/mean.binaryproto" in said
+    assert "--mean-file" in said and not (out / "preprocess.json").exists()

@@ -66,6 +66,11 @@ def _floats(text: str) -> list[float]:
                                          ) from None
 
 
+def _explicit(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.mean_file, args.mean_value, args.scale,
+                                       args.crop_size))
+
+
 def _spec(args: argparse.Namespace, net: Any, phase: str,
           shapes: dict[str, tuple[int, ...]] | None) -> Any:
     from ..export.preprocess import preprocess_spec
@@ -136,7 +141,15 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     phase = args.phase.upper()
     shapes = input_shapes(net, args.input_shape, phase)
     outputs = _blob_list(args.outputs, "--outputs") if args.outputs else None
-    spec = _spec(args, net, phase, shapes)
+    skipped = None
+    try:
+        spec = _spec(args, net, phase, shapes)
+    except SurgeryError as exc:
+        if _explicit(args):
+            raise
+        # the train_val's own transform (a mean file not here, a fork's augmentation) must
+        # not stop the export: it goes without preprocess(), and says why
+        spec, skipped = None, str(exc)
     if spec is not None and args.mean_file is not None:
         inputs.append(args.mean_file)
     save_torch(net, args.output, phase, shapes, detection_output=args.detection_output,
@@ -144,7 +157,9 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     files = sorted(p.name for p in out.iterdir())
     meta = json.loads((out / "caffe_names.json").read_text(encoding="utf-8"))
     pre = [f"preprocess(images) -> {spec.input!r} ({spec.origin}): {'; '.join(spec.steps())}"
-           if spec is not None else "no preprocessing carried (a deploy net: give "
+           if spec is not None else f"no preprocessing carried ({skipped}); give --mean-file "
+           "or --mean-value (and --scale, --crop-size, --input-order) to write preprocess()"
+           if skipped else "no preprocessing carried (a deploy net: give "
            "--mean-value/--mean-file, --scale, --crop-size, --input-order to write preprocess())"]
     rep = {"output": args.output, "phase": phase, "files": files, "inputs": meta["inputs"],
            "outputs": meta["outputs"], "notes": filled + meta["notes"] + pre}
