@@ -97,6 +97,7 @@ BACKENDS = ("onnxruntime", "torch", "opencv", "caffe")
 #: Test hook: a net whose name matches this glob makes its worker write its pid to
 #: ``$SURGERY_CONVERT_HANG_PIDFILE`` (if set) and sleep, as a hung worker would.
 HANG_ENV = "SURGERY_CONVERT_HANG"
+STARTUP_SECONDS = 300  # a worker's imports, not counted in a net's --timeout
 Shape = tuple[int, ...]
 
 
@@ -910,10 +911,12 @@ def _rows(results: Sequence[Result], width: int | None) -> list[list[str]]:
 
 def counts(results: Sequence[Result]) -> dict[str, int]:
     """Rows per status word (ok, unsupported, mismatch, invalid, skip, error)."""
+    order = ["ok", "unsupported", "mismatch", "invalid", "skip", "error"]
     out: dict[str, int] = {}
     for r in results:
         out[r.kind] = out.get(r.kind, 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
+                                                    else len(order), kv[0])))
 
 
 def _footer(results: Sequence[Result]) -> list[str]:
@@ -1099,6 +1102,16 @@ def _save_state(out_dir: Path, rows: Mapping[str, Result], hashes: _Hashes) -> N
     write_text_atomic(out_dir / STATE_FILE, json.dumps(doc, indent=1, default=str))
 
 
+def _preload(kwargs: Mapping[str, Any]) -> None:
+    """Import what :func:`convert` will need (a net's time limit is not for imports)."""
+    import surgery.export.onnx  # noqa: F401 -- the supported types
+
+    if "torch" in kwargs["to"] or "torch" in kwargs["verify"]:
+        import surgery.export.torch  # noqa: F401
+    if "onnxruntime" in kwargs["verify"]:
+        import onnxruntime  # noqa: F401
+
+
 def _worker_main(conn: Any, threads: int) -> None:
     """A worker process: converts the nets it is sent, one at a time, until sent None."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -1112,6 +1125,8 @@ def _worker_main(conn: Any, threads: int) -> None:
         if job is None:
             return
         path, out_dir, name, kwargs = job
+        _preload(kwargs)
+        conn.send(("start", None))  # the timeout counts from here, not from the imports
         hang = os.environ.get(HANG_ENV)
         if hang and fnmatch.fnmatch(name, hang):
             pidfile = os.environ.get(HANG_ENV + "_PIDFILE")
@@ -1123,7 +1138,7 @@ def _worker_main(conn: Any, threads: int) -> None:
         res = convert(path, out_dir, name=name, **kwargs)
         if out_dir is not None:
             res.outputs = _record_outputs(Path(out_dir), name)
-        conn.send(asdict(res))
+        conn.send(("done", asdict(res)))
 
 
 class _Worker:
@@ -1133,8 +1148,14 @@ class _Worker:
         self.proc.start()
         child.close()
         self.job: tuple[Path, str, str] | None = None  # path, name, key
-        self.started = 0.0
+        self.started = 0.0  # when the job was sent, then when the worker began it
+        self.acked = False  # the worker has its imports done and began the net
         self.tasks = 0
+
+    def limit(self, timeout: float) -> float:
+        """Seconds allowed since :attr:`started`: ``timeout`` for the net, plus
+        :data:`STARTUP_SECONDS` for a worker still importing torch/onnx."""
+        return timeout if self.acked else timeout + STARTUP_SECONDS
 
     def stop(self, kill: bool = False) -> None:
         if kill:
@@ -1257,26 +1278,31 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
                     w = _Worker(ctx, threads)
                     workers.append(w)
                 p, name, key = pending.pop()
-                w.job, w.started = (p, name, key), time.perf_counter()
+                w.job, w.started, w.acked = (p, name, key), time.perf_counter(), False
                 w.tasks += 1
                 w.conn.send((str(p), str(out), name, opts.convert_kwargs(name)))
                 report("start", name, [x.job[1] for x in workers if x.job])
             busy = [w for w in workers if w.job]
-            waits = [timeout - (time.perf_counter() - w.started) for w in busy if timeout]
+            waits = [w.limit(timeout) - (time.perf_counter() - w.started) for w in busy
+                     if timeout]
             wait([x for w in busy for x in (w.conn, w.proc.sentinel)],
                  timeout=max(0.05, min([1.0, *waits])))
             for w in busy:
                 assert w.job is not None
                 p, name, _ = w.job
                 res = None
-                if w.conn.poll():
+                while res is None and w.conn.poll():
                     try:
-                        res = Result.from_dict(w.conn.recv())
+                        kind, payload = w.conn.recv()
                     except (EOFError, OSError):
-                        res = None
-                    if res is not None:
-                        finish(w, res)
-                        continue
+                        break
+                    if kind == "start":
+                        w.started, w.acked = time.perf_counter(), True
+                    else:
+                        res = Result.from_dict(payload)
+                if res is not None:
+                    finish(w, res)
+                    continue
                 if not w.proc.is_alive():
                     w.proc.join(1)
                     crash = Result(name, str(p), status=_crash_status(w.proc.exitcode))
@@ -1284,7 +1310,7 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
                     finish(w, crash)
                     workers.remove(w)
                     w.conn.close()
-                elif timeout and time.perf_counter() - w.started > timeout:
+                elif timeout and time.perf_counter() - w.started > w.limit(timeout):
                     w.stop(kill=True)
                     workers.remove(w)
                     crash = Result(name, str(p), status=f"error: timeout after {timeout:g}s "

@@ -1,15 +1,16 @@
-"""The zoo sweep (``tools/zoo_convert.py``) on a handful of small but diverse real nets.
+"""The zoo pipeline (:mod:`surgery.convert`, ``surgery convert``) on a handful of small but
+diverse real nets.
 
 Each net is loaded with random weights from Caffe's fillers, exported to ONNX and PyTorch,
 run on onnxruntime, torch and (when installed) OpenCV 4.x, and every common blob compared.
 Inputs are cut down where the net allows it, so the whole file stays well under a minute.
-The full sweep (``python tools/zoo_convert.py``) covers every net of ``../shared/zoo``.
+The full run (``surgery convert ../shared/zoo -o OUT``) covers every net of ``../shared/zoo``;
+the batch machinery (workers, resumption, kills) is tested on tiny nets in test_convert.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +18,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from .conftest import ROOT, ZOO  # noqa: E402
+from surgery import convert as zoo_convert  # noqa: E402
+
+from .conftest import ZOO  # noqa: E402
 
 HAVE_CV2 = importlib.util.find_spec("cv2") is not None
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("zoo_convert", ROOT / "tools" / "zoo_convert.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("zoo_convert", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-zoo_convert = _tool()
 
 # (net, input shapes or None for the net's own, what it covers)
 NETS = [

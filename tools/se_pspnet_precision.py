@@ -7,7 +7,7 @@ pyramid pooling, ``Interp``) with a squeeze-excitation branch in every residual 
 SENet's Caffe models write it (global AVE pooling -> 1x1 conv ``fc<s>_<b>/sqz`` (C/16) -> ReLU
 -> 1x1 conv ``fc<s>_<b>/exc`` (C) -> Sigmoid, in place -> ``Axpy(exc, branch, shortcut)`` in place
 of the block's Eltwise sum) and a ``Softmax`` ``prob`` at the end; random weights from the
-fillers (seeded; BN mean 0, variance 1, as ``tools/zoo_convert.py`` gives them).
+fillers (seeded; BN mean 0, variance 1, as ``surgery convert`` gives them).
 
 Then runs our two exports in float32 (PyTorch, onnxruntime CPU) and the numpy reference of
 ``surgery/export/reference.py`` in float64 from input to output (``surgery verify --backends
@@ -105,8 +105,7 @@ def build(size: int = 473, blocks: int | None = None) -> Any:
 
 def fill(net: Any, seed: int) -> None:
     """Random weights from the fillers, in place (BN mean 0, variance 1)."""
-    from zoo_convert import fill_random
-
+    from surgery.convert import fill_random
     from surgery.dataflow import resolve
     from surgery.net import NetState
     from surgery.shapes import infer
