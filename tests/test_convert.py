@@ -186,7 +186,7 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ([str(zoo), "-o", out, "--verify", "caffe"], "--caffe PYCAFFE"),
         ([str(zoo), "-o", out, "--caffe", str(zoo)], "not an executable"),
         ([str(zoo), "-o", out, "--jobs", "0"], "--jobs"),
-        ([str(zoo), "-o", out, "--input-shape", "data=1,x"], "--input-shape"),
+        ([str(zoo), "-o", out, "--input-shape", "data=1,a"], "--input-shape"),
         ([str(zoo), "-o", out, "--only", "other*"], "no net definition"),
     ]:
         assert main(["convert", *args]) == 2, args
