@@ -21,7 +21,8 @@ reference64``), and prints for each backend and blob:
 
 Prints the worst local error per layer type, the global error at the first excitation, at each
 stage's last block and at ``prob``, and the growth of the torch-vs-ONNX difference with depth.
-Figures measured with it are in the README (``Export and verify``).
+Figures measured with it are in the README (``Export and verify``). Not run in the real Caffe:
+the reference build has neither the fork's ``BN`` nor ``Axpy`` nor ``Interp``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,31 @@ def fill(net: Any, seed: int) -> None:
     fill_random(net, flow, infer(flow, check_weights=False), seed)
 
 
+def _stream_reference(net: Any, feed: Mapping[str, np.ndarray], visit: Any) -> None:
+    """:func:`surgery.export.reference.run_net`, one blob at a time: ``visit(key, float64
+    array)`` for each top, each array dropped once its last reader ran (every float64 blob of
+    this net at once is ~8 GB)."""
+    from surgery.export.common import plan
+    from surgery.export.reference import forward64, supported_types
+
+    p = plan(net, "TEST", supported=supported_types(), infer_shapes=False)
+    readers: dict[int, int] = {}
+    for node in p.nodes:
+        for v in node.inputs:
+            readers[id(v)] = readers.get(id(v), 0) + 1
+    env = {id(v): np.asarray(feed[v.name], np.float64) for v in p.inputs}
+    for node in p.nodes:
+        xs = [env[id(v)] for v in node.inputs]
+        for v in node.inputs:
+            readers[id(v)] -= 1
+            if readers[id(v)] == 0:
+                del env[id(v)]
+        for v, t in zip(node.outputs, forward64(node.layer, xs), strict=True):
+            visit(v.name if p.flow.latest(v.name) is v else f"{v.name}@{node.layer.name}", t)
+            if readers.get(id(v), 0):
+                env[id(v)] = t
+
+
 def local_errors(net: Any, got: Mapping[str, np.ndarray], feed: Mapping[str, np.ndarray]
                  ) -> dict[str, tuple[str, float]]:
     """Per layer: (type, rel error of the backend's output against the float64 reference of
@@ -141,41 +167,6 @@ def local_errors(net: Any, got: Mapping[str, np.ndarray], feed: Mapping[str, np.
     return out
 
 
-_CAFFE = r"""
-import sys
-import numpy as np
-import caffe
-caffe.set_mode_cpu()
-proto, weights, inp, out = sys.argv[1:5]
-keep = sys.argv[5].split(",")
-net = caffe.Net(proto, caffe.TEST, weights=weights)
-net.blobs["data"].data[...] = np.load(inp)
-net.forward()
-np.savez(out, **{"a%d" % i: net.blobs[k].data for i, k in enumerate(keep)})
-"""
-
-
-def _run_caffe(pycaffe: str, net: Any, feed: Mapping[str, np.ndarray], keep: list[str]
-               ) -> dict[str, np.ndarray]:
-    """The real Caffe's values of the blobs ``keep`` (a subprocess: the wrapper's python)."""
-    import subprocess
-
-    import surgery
-
-    with tempfile.TemporaryDirectory(prefix="se-psp-") as tmp:
-        proto, wfile = Path(tmp, "net.prototxt"), Path(tmp, "net.caffemodel")
-        surgery.save(net, proto, wfile)
-        np.save(Path(tmp, "x.npy"), feed["data"])
-        Path(tmp, "run.py").write_text(_CAFFE)
-        proc = subprocess.run([pycaffe, str(Path(tmp, "run.py")), str(proto), str(wfile),
-                               str(Path(tmp, "x.npy")), str(Path(tmp, "out.npz")),
-                               ",".join(keep)], capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise SystemExit(f"caffe failed: {(proc.stderr or proc.stdout)[-2000:]}")
-        with np.load(Path(tmp, "out.npz")) as z:
-            return {k: z[f"a{i}"] for i, k in enumerate(keep)}
-
-
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64).reshape(b.shape)
     return float(np.abs(a - b).max() / (np.abs(b).max() or 1.0))
@@ -187,12 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blocks", type=int, default=None, help="SE in the first N blocks only")
     ap.add_argument("--json", help="write the figures as JSON")
-    ap.add_argument("--caffe", metavar="PYCAFFE",
-                    help="also run the real Caffe (the reference build's pycaffe wrapper)")
     args = ap.parse_args(argv)
 
     from surgery.export.onnx import run_onnx, to_onnx
-    from surgery.export.reference import run_net
     from surgery.export.torch import run_blobs, to_torch
 
     t0 = time.time()
@@ -211,9 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     results["onnxruntime"] = run_onnx(to_onnx(net, input_shapes=shapes, expose_blobs=True), feed)
     print(f"onnxruntime: {time.time() - t:.1f} s", flush=True)
     t = time.time()
-    ref = run_net(net, feed)
+    rows: dict[str, dict[str, float]] = {}
+    kept: dict[str, np.ndarray] = {}
+
+    def visit(key: str, value: np.ndarray) -> None:  # compare as the reference goes
+        rows[key] = {b: _rel(r[key], value) for b, r in results.items() if key in r}
+        if key.split("@")[0].endswith("/exc") or key in ("conv6_interp", "prob") or (
+                key.startswith(("conv2_", "conv3_", "conv4_", "conv5_")) and key.count("_") == 1):
+            kept[key] = value
+
+    _stream_reference(net, feed, visit)
+    ref = kept
     print(f"reference64: {time.time() - t:.1f} s", flush=True)
-    order = [k for k in ref if k != "data"]
+    order = list(rows)
     first_exc = next(k for k in order if k.split("@")[0].endswith("/exc"))
     stage_ends = [k for k in order if k.startswith("conv") and k.count("_") == 1
                   and "@" not in k and k.split("_")[0] in ("conv2", "conv3", "conv4", "conv5")]
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     picks = [p for p in picks if p]
     figures: dict[str, Any] = {"size": args.size, "seed": args.seed, "blobs": {}}
     for k in order:
-        row = {b: _rel(r[k], ref[k]) for b, r in results.items() if k in r}
+        row = rows[k]
         if "torch" in row and "onnxruntime" in row:
             row["torch_vs_onnx"] = _rel(results["torch"][k],
                                         np.asarray(results["onnxruntime"][k], np.float64))
@@ -244,20 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     moved64 = {k: v.numpy() for k, v in moved.items()}
     del gm64, out64, moved
     print(f"torch float64 (twice): {time.time() - t:.1f} s", flush=True)
-    if args.caffe:
-        t = time.time()
-        results["caffe"] = _run_caffe(args.caffe, net, feed, [p for p in picks if "@" not in p])
-        print(f"caffe: {time.time() - t:.1f} s", flush=True)
     for k in picks:
         row = figures["blobs"][k]
-        if "caffe" in results and k in results["caffe"]:
-            want = np.asarray(results["caffe"][k], np.float64)
-            row["caffe"] = _rel(want, ref[k])
-            row["caffe_vs_torch"] = _rel(results["torch"][k], want)
-            row["caffe_vs_onnx"] = _rel(results["onnxruntime"][k], want)
         row["torch_float64"] = _rel(torch64[k], ref[k])
         row["input_moved_2^-24"] = _rel(moved64[k], torch64[k])
-    local = {b: local_errors(net, r, feed) for b, r in results.items() if b != "caffe"}
+    local = {b: local_errors(net, r, feed) for b, r in results.items()}
     figures["local_worst_by_type"] = {}
     for b, errs in local.items():
         by_type: dict[str, tuple[float, str]] = {}
@@ -268,13 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                                              for t, (e, blob) in sorted(by_type.items())}
     print("\nglobal error against reference64 (max|a-b| / max|ref|):")
     nan = float("nan")
-    print(f"{'blob':24} {'torch':>10} {'onnxruntime':>12} {'caffe':>10} {'torch vs onnx':>14} "
+    print(f"{'blob':24} {'torch':>10} {'onnxruntime':>12} {'torch vs onnx':>14} "
           f"{'torch float64':>14} {'input moved 2^-24':>18}")
     for k in picks:
         r = figures["blobs"][k]
-        print(f"{k:24} {r['torch']:10.2e} {r['onnxruntime']:12.2e} {r.get('caffe', nan):10.2e} "
-              f"{r['torch_vs_onnx']:14.2e} {r.get('torch_float64', nan):14.2e} "
-              f"{r.get('input_moved_2^-24', nan):18.2e}")
+        print(f"{k:24} {r['torch']:10.2e} {r['onnxruntime']:12.2e} {r['torch_vs_onnx']:14.2e} "
+              f"{r.get('torch_float64', nan):14.2e} {r.get('input_moved_2^-24', nan):18.2e}")
     print("(torch float64: the torch lowering run in float64, against the numpy reference; "
           "input moved: float64 outputs for the input perturbed by float32 rounding)")
     print("\nworst local error per layer type (layer run on the backend's own inputs):")
