@@ -42,3 +42,15 @@ def import_generated(path: Path, name: str) -> ModuleType:
     finally:
         sys.modules.pop(name, None)
     return mod
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one intra-op torch thread (restored after): the training tests run many
+    tiny ops, which several spinning OpenMP threads slow down ~7x on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

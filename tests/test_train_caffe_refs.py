@@ -26,6 +26,8 @@ pytest.importorskip("torch")  # the `train` extra
 from surgery import caffe_io  # noqa: E402
 from surgery.train import Trainer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "solver_refs.json").read_text())
 ARRAYS = dict(np.load(DATA / "solver_refs.npz"))

@@ -16,6 +16,8 @@ from surgery.cli import main  # noqa: E402
 from surgery.errors import SolverError  # noqa: E402
 from surgery.train import Trainer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NET = """name: "tiny"
 layer { name: "data" type: "MemoryData" top: "data" top: "label"
   include { phase: TRAIN }

@@ -17,6 +17,8 @@ import pytest
 from surgery import caffe_io
 from surgery.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
