@@ -356,3 +356,38 @@ def test_export_onnx_removes_only_its_own_obsolete_data_file(tmp_path: Path) -> 
     data.write_bytes(b"someone else's file")  # not used by m.onnx: kept
     save_onnx(net, out)
     assert data.read_bytes() == b"someone else's file"
+
+
+def test_data_dump_is_one_set(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("lmdb")
+    import surgery.data.summary as summary
+
+    from .test_data import data_net, lmdb_of, pixels
+
+    lmdb_of(tmp_path, [pixels(i, (3, 6, 6)) for i in range(4)], labels=[1, 1, 2, 5])
+    proto = data_net(tmp_path, transform="scale: 0.5")
+    argv = ["data", str(proto), "--layer", "data", "--phase", "test", "--count", "4", "--dump"]
+    calls = []
+    real = summary._is_image
+
+    def fail_late(a):  # the third sample's image fails: two samples' files are written by then
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(a)
+
+    monkeypatch.setattr(summary, "_is_image", fail_late)
+    before = _snapshot(tmp_path)
+    with pytest.raises(OSError):
+        main([*argv, str(tmp_path / "new")])
+    assert _snapshot(tmp_path) == before and not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "mine.txt").write_text("keep")
+    calls.clear()
+    with pytest.raises(OSError):
+        main([*argv, str(tmp_path / "old")])
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["mine.txt"]
+    monkeypatch.setattr(summary, "_is_image", real)
+    assert main([*argv, str(tmp_path / "old")]) == 0
+    assert len(list((tmp_path / "old").iterdir())) == 1 + 4 * 3

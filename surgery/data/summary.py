@@ -91,7 +91,8 @@ def dump(ds: CaffeDataset, tops: list[np.ndarray], folder: str | os.PathLike[str
     """Write every sample's tops as ``NNNN_<top>.npy`` and image tops as ``NNNN_<top>.png``.
 
     The PNG undoes scale and mean (a mean file's centre crop) and clips to 0..255; mirroring
-    is not undone. Files are written atomically; the folder is created if missing.
+    is not undone. The files are written as one set (:mod:`surgery._atomic`): all or none; a
+    missing folder appears only when complete.
 
     Returns:
         The file names written.
@@ -99,31 +100,48 @@ def dump(ds: CaffeDataset, tops: list[np.ndarray], folder: str | os.PathLike[str
     Raises:
         SurgeryError: the folder cannot be created or a file cannot be written.
     """
-    from ..caffe_io import write_bytes_atomic
+    from .. import _atomic
     from ..errors import SurgeryError
 
     out = Path(folder)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SurgeryError(f"--dump {folder}: cannot create: {exc.strerror or exc}") from None
+    if out.exists() and not out.is_dir():
+        raise SurgeryError(f"--dump {folder}: exists and is not a folder")
+    new_folder = not out.exists()
+    if new_folder:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SurgeryError(f"--dump {folder}: cannot create: {exc.strerror or exc}") from None
     written = []
     safe = ["".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t) for t in ds.tops]
-    for i in range(len(tops[0])):
-        for name, a in zip(safe, tops, strict=True):
-            buf = io.BytesIO()
-            np.save(buf, a[i], allow_pickle=False)
-            fname = f"{i:04d}_{name}.npy"
-            write_bytes_atomic(out / fname, buf.getvalue())
-            written.append(fname)
-            if _is_image(a) and ds.transformer is not None:
-                import cv2
+    with _atomic.outputs() as tx:  # every file or none (a new folder appears when complete)
+        base = tx.folder(out) if new_folder else None
 
-                pixels = ds.transformer.undo(a[i])
-                img = np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-                ok, png = cv2.imencode(".png", img)
-                if ok:
-                    fname = f"{i:04d}_{name}.png"
-                    write_bytes_atomic(out / fname, png.tobytes())
-                    written.append(fname)
+        def put(fname: str, data: bytes) -> None:
+            if base is None:
+                tx.write_bytes(out / fname, data)
+                return
+            try:
+                (base / fname).write_bytes(data)
+            except OSError as exc:
+                raise SurgeryError(f"--dump {folder}: cannot write {fname}: "
+                                   f"{exc.strerror or exc}") from None
+
+        for i in range(len(tops[0])):
+            for name, a in zip(safe, tops, strict=True):
+                buf = io.BytesIO()
+                np.save(buf, a[i], allow_pickle=False)
+                fname = f"{i:04d}_{name}.npy"
+                put(fname, buf.getvalue())
+                written.append(fname)
+                if _is_image(a) and ds.transformer is not None:
+                    import cv2
+
+                    pixels = ds.transformer.undo(a[i])
+                    img = np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+                    ok, png = cv2.imencode(".png", img)
+                    if ok:
+                        fname = f"{i:04d}_{name}.png"
+                        put(fname, png.tobytes())
+                        written.append(fname)
     return written
