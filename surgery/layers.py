@@ -137,6 +137,7 @@ DATA_TYPES = frozenset(
         "Python",
         "DenseImageData",  # SegNet: image + label image
         "ImageSegData",  # DeepLab v2 / PSPNet training fork: image + label image
+        "ImageLabelmapData",  # HED: image + label map (image_data_param)
     }
 )
 # Types whose learnable blobs are defined by Caffe (others may still carry blobs in a file).

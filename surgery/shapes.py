@@ -70,6 +70,7 @@ _SOURCE_TYPES = (
     "WindowData",
     "VideoData",
     "Python",
+    "ImageLabelmapData",  # HED's fork: image + label map, read with image_data_param
 )
 
 
@@ -1434,7 +1435,7 @@ def _axpy(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
 
 _IMAGE_SOURCES = {"Data": "data_param", "AnnotatedData": "data_param",
                   "ImageData": "image_data_param", "WindowData": "window_data_param",
-                  "VideoData": "video_data_param"}
+                  "VideoData": "video_data_param", "ImageLabelmapData": "image_data_param"}
 
 
 def guess_dataset_shapes(
@@ -1472,7 +1473,7 @@ def guess_dataset_shapes(
         batch = int(params.get("batch_size", 0) or 0)
         transform = layer.extra.get("transform_param", {})
         h = w = int(transform.get("crop_size", 0) or 0)
-        if not h and layer.type == "ImageData":
+        if not h and layer.type in ("ImageData", "ImageLabelmapData"):
             h, w = int(params.get("new_height", 0)), int(params.get("new_width", 0))
         if not (batch and h and w):  # rule 1
             continue

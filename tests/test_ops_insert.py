@@ -476,13 +476,14 @@ def test_hed_side_output_times_features_feeds_pool1(proto, tmp_path):
     # issue 7 item 1: HED, --bottoms relu1_2 score-dsn1 (64 channels x a 1-channel side output
     # written after the whole trunk): score-dsn1 moves up, pool1 reads the product
     net = caffe_io.load(ZOO / "hed" / proto)
-    new, rep = insert_eltwise(net, ("relu1_2", "score-dsn1"), "prod")
+    # train_val reads a fork's data layer (ImageLabelmapData, images of any size): its shape
+    # is given, else the op refuses (test_hed_train_val_unknown_shapes_refused)
+    shapes = {"data": (1, 3, 64, 64)} if proto == "train_val.prototxt" else None
+    new, rep = insert_eltwise(net, ("relu1_2", "score-dsn1"), "prod", input_shapes=shapes)
     assert new.layer("pool1").bottoms == ["conv1_2_prod"]
     assert new.layer("score-dsn1").bottoms == ["conv1_2"]
-    if proto == "deploy.prototxt":
-        assert new.layer("conv1_2_prod_tile").attrs == {"axis": 1, "tiles": 64}
-    else:  # train_val reads a fork's data layer: shapes unknown, said so
-        assert any("shapes unknown" in n for n in rep.notes)
+    assert new.layer("conv1_2_prod_tile").attrs == {"axis": 1, "tiles": 64}
+    assert new.layer("conv1_2_prod").bottoms == ["conv1_2", "conv1_2_prod_tile"]
     assert rep.data["rewired"] == ["pool1"] and rep.data["moved"] == ["score-dsn1"]
     names = [lay.name for lay in new.layers]
     assert (names.index("relu1_2") < names.index("score-dsn1") < names.index("conv1_2_prod")
@@ -510,3 +511,48 @@ def test_gate_gets_customary_bias_multipliers(tiny, tmp_path):
     back = _roundtrip(new, tmp_path)
     assert [(p.lr_mult, p.decay_mult) for p in back.layer("relu_a_gate").params] == [
         (1.0, 1.0), (2.0, 0.0)]
+
+
+def test_hed_train_val_unknown_shapes_refused(tmp_path, capsys):
+    # HED's train_val reads ImageLabelmapData (a fork type, images of any size): without an
+    # input shape the op cannot tell that score-dsn1 (1 channel) needs a Tile against relu1_2
+    # (64): it refuses, naming the fix, instead of writing an Eltwise Caffe refuses
+    from surgery.cli import main
+
+    proto = ZOO / "hed" / "train_val.prototxt"
+    net = caffe_io.load(proto)
+    with pytest.raises(ShapeMismatchError, match=r"channel counts \(64 and 1\) may need a "
+                       r"Tile.*--input-shape data=N,C,H,W"):
+        insert_eltwise(net, ("relu1_2", "score-dsn1"), "prod")
+    out = tmp_path / "hed.prototxt"
+    argv = ["insert-eltwise", str(proto), "--bottoms", "relu1_2", "score-dsn1", "-o", str(out)]
+    assert main(argv) == 2 and not out.exists()
+    assert "--input-shape data=N,C,H,W" in capsys.readouterr().err
+    # the fix: the data layer's tops take --input-shape (ImageLabelmapData is a data layer)
+    assert main([*argv, "--input-shape", "data=1,3,64,64"]) == 0
+    written = caffe_io.load(out)
+    assert written.layer("conv1_2_prod_tile").attrs == {"axis": 1, "tiles": 64}
+
+
+def test_unknown_shapes_equal_channels_go_on_unchecked(tmp_path):
+    # rule 8: shapes unknown (a Data layer without crop_size), but both bottoms come from
+    # convolutions of 4 outputs: no Tile can be needed, so the op goes on and says so
+    text = """name: "u"
+layer { name: "data" type: "Data" top: "data" data_param { source: "x" batch_size: 2 } }
+layer { name: "a" type: "Convolution" bottom: "data" top: "a"
+  convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "ra" type: "ReLU" bottom: "a" top: "a" }
+layer { name: "b" type: "Convolution" bottom: "data" top: "b"
+  convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "c" type: "Convolution" bottom: "b" top: "c"
+  convolution_param { num_output: 1 kernel_size: 1 } }
+layer { name: "n" type: "Pooling" bottom: "a" top: "n" pooling_param { kernel_size: 1 } }
+"""
+    p = tmp_path / "u.prototxt"
+    p.write_text(text)
+    net = caffe_io.load(p)
+    new, rep = insert_eltwise(net, ("ra", "b"), "sum")
+    assert new.layer("n").bottoms == ["a_sum"] and rep.data["tile"] is None
+    assert any("shapes unknown" in n for n in rep.notes)
+    with pytest.raises(ShapeMismatchError, match=r"\(4 and 1\) may need a Tile"):
+        insert_eltwise(net, ("ra", "c"), "prod")

@@ -135,7 +135,60 @@ def _plan_tile(active: _Active, a_spec: str, b_spec: str, what: str
                 "one Eltwise consistently for all phases"
             )
         tiled, decided = plan, True
+    if not decided:
+        _refuse_unknown(active, a_spec, b_spec, what)
     return tiled, shapes
+
+
+# Layers whose top has the channels of their first bottom (for rule 8, without shapes).
+_SAME_CHANNELS = frozenset({
+    "ReLU", "PReLU", "Sigmoid", "TanH", "ELU", "AbsVal", "Power", "Exp", "Log", "BNLL",
+    "Threshold", "Clip", "Swish", "Dropout", "BatchNorm", "BN", "Scale", "Bias", "LRN", "MVN",
+    "Pooling", "Crop", "Eltwise", "Normalize", "Interp", "Upsample", "Split", "Softmax",
+})
+_NUM_OUTPUT = frozenset({"Convolution", "Deconvolution", "ConvolutionDepthwise",
+                         "DepthwiseConvolution"})
+
+
+def _channels(flow: Dataflow, value: Value, depth: int = 0) -> int | None:
+    """A value's channel count from the definition alone (num_output up the chain)."""
+    lay = value.producer.layer
+    if depth > 200:
+        return None
+    if lay.type in _NUM_OUTPUT and "num_output" in lay.attrs:
+        return int(lay.attrs["num_output"])
+    node = value.producer
+    if lay.type in _SAME_CHANNELS and node.inputs and not (
+            lay.type == "Crop" and int(lay.attrs.get("axis", 2)) < 2):
+        return _channels(flow, node.inputs[0], depth + 1)
+    if lay.type == "Concat" and int(lay.attrs.get("axis", lay.attrs.get("concat_dim", 1))) == 1:
+        cs = [_channels(flow, v, depth + 1) for v in node.inputs]
+        return None if any(c is None for c in cs) else sum(c for c in cs if c is not None)
+    return None
+
+
+def _refuse_unknown(active: _Active, a_spec: str, b_spec: str, what: str) -> None:
+    """Rule 8: shapes unknown in every phase. Equal channel counts known from the definition
+    (num_output up the chain) are accepted unchecked; otherwise a Tile may be needed and
+    cannot be decided, so the op refuses rather than write an Eltwise Caffe may refuse."""
+    flow, info, va, vb = next(iter(active.values()))
+    ca, cb = _channels(flow, va), _channels(flow, vb)
+    if ca is not None and ca == cb:
+        return
+    tops = []
+    for node in flow.nodes:
+        if not node.inputs:
+            tops += [(node.layer, v.name) for v in node.outputs if _shape(info, v) is None]
+    image = [(lay, t) for lay, t in tops if t == lay.tops[0]] or tops
+    where = ", ".join(f"{t!r} (layer {lay.name!r}, {lay.type})" for lay, t in image)
+    fix = " ".join(f"--input-shape {t}=N,C,H,W" for _, t in image) or "--input-shape BLOB=N,C,H,W"
+    chans = f"{'unknown' if ca is None else ca} and {'unknown' if cb is None else cb}"
+    raise ShapeMismatchError(
+        f"{what}: cannot check the bottoms' shapes: {a_spec!r} and {b_spec!r} have unknown "
+        f"shapes (the definition gives no shape for {where or 'the inputs'}) and their channel "
+        f"counts ({chans}) may need a Tile; Eltwise needs identical shapes. Give the input "
+        f"shape: {fix} (Python: input_shapes={{...}})"
+    )
 
 
 def _choose(active: _Active, feature: str, feed: list[str] | None, enabled: bool, what: str
@@ -405,6 +458,10 @@ def insert_eltwise(
     7. train_val nets: the same placement and rewiring in TRAIN and TEST; a layer in both
        phases must be rewired identically. The new layers get an ``include { phase }`` rule
        only when the bottoms exist in just one phase.
+    8. When the bottoms' shapes are unknown in every phase (a data layer whose shape the
+       definition does not give, and no ``input_shapes``), the op goes on unchecked only when
+       the definition shows equal channel counts (``num_output`` up the chain); otherwise
+       (a Tile may be needed) :class:`ShapeMismatchError` names the input shapes to give.
 
     Args:
         net: the net (not modified).
@@ -424,7 +481,8 @@ def insert_eltwise(
 
     Raises:
         LayerNotFoundError: a bottom names no layer and no blob (with a did-you-mean).
-        ShapeMismatchError: the bottoms' shapes differ (rule 3).
+        ShapeMismatchError: the bottoms' shapes differ (rule 3), or are unknown and may
+            need a Tile (rule 8).
         NetError: bad operation/coeff, a bottom overwritten in place or a cycle (rule 2), a
             taken name, or a result Caffe would refuse.
     """
