@@ -321,6 +321,12 @@ def _run_opencv(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Fil
 
     if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
         raise _Skip("this OpenCV has no cv2.dnn.readNetFromCaffe (OpenCV 5 removed it)")
+    axpy = next((lay.name for lay in net.layers if lay.type == "Axpy"), None)
+    if axpy is not None:
+        # OpenCV's importer lowers Axpy to Scale(bottom 2, bottom 0) + bottom 1, i.e.
+        # a * y + x; SENet's AxpyLayer computes a * x + y (measured on SE-ResNet-50).
+        raise _Skip(f"OpenCV computes Axpy ({axpy!r}) as a*y + x, SENet's layer is a*x + y: "
+                    "not a reference for this net")
     with tempfile.TemporaryDirectory(prefix="surgery-verify-") as tmp:
         proto, weights = files.prototxt, files.weights
         if proto is None or weights is None:

@@ -167,3 +167,34 @@ def test_train_phase_backends_agree_on_batch_statistics() -> None:
     rep = verify(net, backends=["onnxruntime", "torch"], phase="TRAIN")
     assert rep.passed, rep.table()
     assert {r.blob for r in rep.rows} >= {"conv1"}
+
+
+def test_axpy_net_is_not_checked_against_opencv(tmp_path) -> None:
+    """OpenCV 4.x reads SENet's Axpy as a*y + x (its importer scales bottom 2), Caffe's layer is
+    a*x + y: on SE-ResNet-50 `surgery verify` failed every blob after the first Axpy against
+    OpenCV while onnxruntime and torch agreed. OpenCV is skipped, naming the reason."""
+    pytest.importorskip("cv2")
+    p = tmp_path / "axpy.prototxt"
+    p.write_text(
+        'layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 dim: 2 dim: 1 '
+        'dim: 1 } } }\n'
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 3 '
+        'dim: 3 } } }\n'
+        'layer { name: "y" type: "Input" top: "y" input_param { shape { dim: 1 dim: 2 dim: 3 '
+        'dim: 3 } } }\n'
+        'layer { name: "axpy" type: "Axpy" bottom: "a" bottom: "x" bottom: "y" top: "z" }\n'
+    )
+    rng = np.random.default_rng(0)
+    feed = {
+        "a": rng.standard_normal((1, 2, 1, 1), dtype=np.float32),
+        "x": rng.standard_normal((1, 2, 3, 3), dtype=np.float32),
+        "y": rng.standard_normal((1, 2, 3, 3), dtype=np.float32),
+    }
+    rep = verify(surgery.load(p), inputs=feed, backends=["onnxruntime", "torch", "opencv"])
+    assert "opencv" in rep.skipped and "a*x + y" in rep.skipped["opencv"], rep.skipped
+    assert rep.reference == "onnxruntime" and rep.backends == ["torch"] and rep.passed
+    # and torch computes SENet's a * x + y
+    from surgery.export.torch import run_blobs, to_torch
+
+    got = run_blobs(to_torch(surgery.load(p)), feed)["z"]
+    np.testing.assert_allclose(got, feed["a"] * feed["x"] + feed["y"], rtol=1e-6)

@@ -262,6 +262,98 @@ def step(s):
                 raise Fail("%s should learn" % k)
         notes.append("step ok: %d frozen blobs unchanged, %d learning blobs changed"
                      % (frozen, learning))
+    elif op == "blob_names":
+        got = set(nets[s["net"]].blobs)
+        want = set(nets[s["like"]].blobs) if "like" in s else set(s["names"])
+        if got != want:
+            raise Fail("blobs differ: only ours %s, only the reference %s"
+                       % (sorted(got - want)[:6], sorted(want - got)[:6]))
+        notes.append("%d blobs, same names" % len(got))
+    elif op == "outputs":
+        got = list(nets[s["net"]].outputs)
+        if got != s["names"]:
+            raise Fail("net outputs %s, expected %s" % (got, s["names"]))
+    elif op == "reads":
+        # the consumer reads the product: Caffe wired it so, the product is A op B, and the
+        # consumer's results follow the product blob (recomputed from it, and changed by it)
+        net = nets[s["net"]]
+        if s["product"] not in net.bottom_names[s["consumer"]]:
+            raise Fail("%s reads %s, not %s" % (s["consumer"], net.bottom_names[s["consumer"]],
+                                                s["product"]))
+        a = net.blobs[s["a"]].data.astype(np.float64)
+        b = net.blobs[s["b"]].data.astype(np.float64)
+        ref = a * b if s["operation"] == "prod" else a + b
+        e = rel(net.blobs[s["product"]].data, ref)
+        if e > 1e-5:
+            raise Fail("%s is not %s(%s, %s): rel %.3g" % (s["product"], s["operation"],
+                                                          s["a"], s["b"], e))
+        outs = {k: net.blobs[k].data.copy() for k in net.outputs}
+        net.blobs[s["product"]].data[...] = ref
+        net.forward(start=s["consumer"])
+        same = max(rel(net.blobs[k].data, outs[k]) for k in outs)
+        net.blobs[s["product"]].data[...] = a
+        net.forward(start=s["consumer"])
+        moved = max(rel(net.blobs[k].data, outs[k]) for k in outs)
+        net.blobs[s["product"]].data[...] = ref  # leave the net as its own forward left it
+        net.forward(start=s["consumer"])
+        notes.append("%s reads %s = %s rel %.2e; outputs from numpy's product rel %.2e, "
+                     "from A alone rel %.2e" % (s["consumer"], s["product"], s["operation"],
+                                                e, same, moved))
+        if same > 1e-5 or moved <= 1e-5:
+            raise Fail("outputs do not follow the product (rel %.3g / %.3g)" % (same, moved))
+    elif op == "caffemodel_covers":
+        # every learnable layer of the net has blobs of Caffe's shapes in the caffemodel,
+        # none of its weights all zero
+        msg = caffe_pb2.NetParameter()
+        msg.ParseFromString(open(s["weights"], "rb").read())
+        have = {l.name: l for l in msg.layer}
+        net = nets[s["net"]]
+        for k, blobs in net.params.items():
+            if k not in have:
+                raise Fail("%s has no blobs in %s" % (k, s["weights"]))
+            if len(have[k].blobs) != len(blobs):
+                raise Fail("%s: %d blobs in the caffemodel, Caffe has %d"
+                           % (k, len(have[k].blobs), len(blobs)))
+            if not np.any(blobs[0].data):
+                raise Fail("%s: all-zero weight" % k)
+        notes.append("%d learnable layers covered" % len(net.params))
+    elif op == "params_npz":
+        ref = np.load(s["npz"])
+        n = 0
+        for k, blobs in nets[s["net"]].params.items():
+            for i, b in enumerate(blobs):
+                e = rel(b.data, ref["%s/%d" % (k, i)])
+                if e > s.get("tol", 0.0):
+                    raise Fail("%s[%d] rel %.3g from %s" % (k, i, e, s["npz"]))
+                n += 1
+        notes.append("%d blobs equal to %s" % (n, s["npz"].split("/")[-1]))
+    elif op == "bn_train":
+        # TRAIN forward: pinned BatchNorm (use_global_stats) keeps its blobs, others move theirs
+        net = nets[s["net"]]
+        before = {k: [b.data.copy() for b in net.params[k]] for k in s["pinned"] + s["free"]}
+        set_inputs(net, s.get("inputs", {"seed": 0}))
+        net.forward()
+        for k in s["pinned"]:
+            if any(not np.array_equal(x, b.data) for x, b in zip(before[k], net.params[k])):
+                raise Fail("pinned BatchNorm %s changed its blobs in TRAIN" % k)
+        for k in s["free"]:
+            if all(np.array_equal(x, b.data) for x, b in zip(before[k], net.params[k])):
+                raise Fail("BatchNorm %s (not pinned) kept its blobs in TRAIN" % k)
+        notes.append("TRAIN forward: %d pinned BatchNorm unchanged, %d free updated"
+                     % (len(s["pinned"]), len(s["free"])))
+    elif op == "solver_restore":
+        solver = caffe.get_solver(s["solver"])
+        solver.restore(s["state"])
+        if solver.iter != s["iter"]:
+            raise Fail("restored iteration %d, expected %d" % (solver.iter, s["iter"]))
+        ref = np.load(s["npz"])
+        for k, blobs in solver.net.params.items():
+            for i, b in enumerate(blobs):
+                if not np.array_equal(b.data, ref["%s/%d" % (k, i)]):
+                    raise Fail("after restore %s[%d] differs from the snapshot" % (k, i))
+        solver.step(s.get("steps", 2))
+        notes.append("Caffe restored %s at iter %d, stepped to %d"
+                     % (s["state"].split("/")[-1], s["iter"], solver.iter))
     else:
         raise Fail("unknown step %r" % op)
 
@@ -737,18 +829,10 @@ def case_deploy_googlenet(r: Runner, d: Path) -> str:
             {"op": "build", "id": "ref", "proto": str(GOOGLENET_DEPLOY), "weights": [str(gw)]},
             {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
             {"op": "forward", "net": "ref", "inputs": str(gd / "input.npz")},
-            {
-                "op": "compare",
-                "a": ["ours", "loss3/classifier/prob"],
-                "b": ["ref", "prob"],
-                "tol": 1e-6,
-            },
-            {
-                "op": "golden",
-                "net": "ours",
-                "dir": str(gd),
-                "rename": {"prob": "loss3/classifier/prob"},
-            },
+            {"op": "blob_names", "net": "ours", "like": "ref"},
+            {"op": "outputs", "net": "ours", "names": ["prob"]},
+            {"op": "compare", "a": ["ours", "prob"], "b": ["ref", "prob"], "tol": 0.0},
+            {"op": "golden", "net": "ours", "dir": str(gd)},
         ],
         d.name,
     )
@@ -925,6 +1009,434 @@ def case_apply(r: Runner, d: Path) -> str:
                 "multipliers": mult,
                 "expect_frozen": ["conv1/7x7_s2", "inception_3b/5x5"],
                 "expect_learning": ["inception_4a/1x1", "loss1/conv", *heads],
+            },
+        ],
+        d.name,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Verbs and options added after the first acceptance run (init, cut, the insert-eltwise
+# rewiring, deploy without auxiliary heads, top_k lowering, --fill-missing, freeze --bn-stats,
+# import-torch, surgery train snapshots).
+
+
+def case_init(r: Runner, d: Path) -> str:
+    out = d / "init.caffemodel"
+    cli("init", GOOGLENET_DEPLOY, "-o", out, "--seed", 1)
+    return r.caffe(
+        [
+            {"op": "build", "id": "ours", "proto": str(GOOGLENET_DEPLOY), "weights": [str(out)]},
+            {"op": "caffemodel_covers", "net": "ours", "weights": str(out)},
+            {"op": "forward", "net": "ours", "inputs": {"seed": 2, "scale": 30.0}},
+        ],
+        d.name,
+    )
+
+
+def case_cut_deploy(r: Runner, d: Path) -> str:
+    gd, gw, _ = golden_meta("googlenet")
+    out, ow = d / "cut.prototxt", d / "cut.caffemodel"
+    cli(
+        "cut",
+        gd / "net.prototxt",
+        "--at",
+        "inception_4e/output",
+        "--weights",
+        gw,
+        "--out-weights",
+        ow,
+        "-o",
+        out,
+    )
+    return r.caffe(
+        [
+            {"op": "parse", "proto": str(out)},
+            {"op": "build", "id": "ours", "proto": str(out), "weights": [str(ow)]},
+            {"op": "outputs", "net": "ours", "names": ["inception_4e/output"]},
+            {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
+            {
+                "op": "golden",
+                "net": "ours",
+                "dir": str(gd),
+                "blobs": ["inception_4e/5x5", "inception_4e/pool_proj", "inception_4d/1x1"],
+            },
+        ],
+        d.name,
+    )
+
+
+def case_cut_train_val(r: Runner, d: Path) -> str:
+    out, ow = d / "cut.prototxt", d / "cut.caffemodel"
+    cli(
+        "cut",
+        GOOGLENET_TV,
+        "--at",
+        "pool5/7x7_s1",
+        "--weights",
+        googlenet_tv_weights(r),
+        "--out-weights",
+        ow,
+        "-o",
+        out,
+    )
+    dd = dummy_data(out, d / "cut_dummy.prototxt", [2, 3, 224, 224])
+    steps: list[dict] = [{"op": "parse", "proto": str(out)}]
+    for ph in ("TRAIN", "TEST"):
+        steps += [
+            {"op": "build", "id": ph, "proto": str(dd), "phase": ph, "weights": [str(ow)]},
+            {"op": "caffemodel_covers", "net": ph, "weights": str(ow)},
+            {"op": "forward", "net": ph},
+        ]
+    # the label top of the data layer is left unread: an output; pool5 the other
+    steps.append({"op": "outputs", "net": "TEST", "names": ["label", "pool5/7x7_s1"]})
+    return r.caffe(steps, d.name)
+
+
+def case_eltwise_hed(r: Runner, d: Path) -> str:
+    """HED: relu1_2's 64 channels times the 1-channel side output score-dsn1 (written after the
+    whole trunk: it moves up); pool1 reads the product."""
+    gd, gw, _ = golden_meta("hed")
+    out = d / "hed.prototxt"
+    rep = cli(
+        "insert-eltwise",
+        gd / "net.prototxt",
+        "--bottoms",
+        "relu1_2",
+        "score-dsn1",
+        "--operation",
+        "prod",
+        "-o",
+        out,
+    )["data"]
+    if rep["rewired"] != ["pool1"] or rep["moved"] != ["score-dsn1"]:
+        raise CaseFailed(f"report: rewired {rep['rewired']}, moved {rep['moved']}")
+    shape = {"shapes": {"data": [1, 3, 96, 96]}, "seed": 3, "scale": 50.0}
+    return r.caffe(
+        [
+            {"op": "build", "id": "ours", "proto": str(out), "weights": [str(gw)]},
+            {"op": "build", "id": "orig", "proto": str(gd / "net.prototxt"), "weights": [str(gw)]},
+            {"op": "forward", "net": "ours", "inputs": shape},
+            {"op": "forward", "net": "orig", "inputs": shape},
+            {
+                "op": "reads",
+                "net": "ours",
+                "consumer": "pool1",
+                "product": rep["eltwise"],
+                "a": "conv1_2",
+                "b": "score-dsn1-up",
+                "operation": "prod",
+            },
+            # score-dsn1 still reads the trunk's conv1_2: its side output is unchanged
+            {
+                "op": "compare",
+                "a": ["ours", "sigmoid-dsn1"],
+                "b": ["orig", "sigmoid-dsn1"],
+                "tol": 1e-6,
+            },
+            {
+                "op": "compare",
+                "a": ["ours", "sigmoid-fuse"],
+                "b": ["orig", "sigmoid-fuse"],
+                "tol": 1e-4,
+                "expect": "differ",
+            },
+        ],
+        d.name,
+    )
+
+
+def case_eltwise_same_shape(r: Runner, d: Path) -> str:
+    """SqueezeNet: fire2's expand1x1 (after its ReLU) times expand3x3, same shape; the concat
+    reads the product in place of expand1x1."""
+    gd, gw, _ = golden_meta("squeezenet_v1_1")
+    out = d / "sq.prototxt"
+    rep = cli(
+        "insert-eltwise",
+        gd / "net.prototxt",
+        "--bottoms",
+        "fire2/relu_expand1x1",
+        "fire2/relu_expand3x3",
+        "--operation",
+        "sum",
+        "-o",
+        out,
+    )["data"]
+    if rep["rewired"] != ["fire2/concat"]:
+        raise CaseFailed(f"report: rewired {rep['rewired']}")
+    return r.caffe(
+        [
+            {"op": "build", "id": "ours", "proto": str(out), "weights": [str(gw)]},
+            {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
+            {
+                "op": "reads",
+                "net": "ours",
+                "consumer": "fire2/concat",
+                "product": rep["eltwise"],
+                "a": "fire2/expand1x1",
+                "b": "fire2/expand3x3",
+                "operation": "sum",
+            },
+            {"op": "golden", "net": "ours", "dir": str(gd), "expect": "differ"},
+        ],
+        d.name,
+    )
+
+
+def case_deploy_keep_aux(r: Runner, d: Path) -> str:
+    gd, gw, _ = golden_meta("googlenet")
+    out = d / "deploy.prototxt"
+    cli("deploy", GOOGLENET_TV, "--input-shape", "1,3,224,224", "--keep-aux", "-o", out)
+    return r.caffe(
+        [
+            {
+                "op": "build",
+                "id": "ours",
+                "proto": str(out),
+                "weights": [str(googlenet_tv_weights(r))],
+            },
+            {
+                "op": "outputs",
+                "net": "ours",
+                "names": [
+                    "loss1/classifier/prob",
+                    "loss2/classifier/prob",
+                    "loss3/classifier/prob",
+                ],
+            },
+            {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
+            {
+                "op": "golden",
+                "net": "ours",
+                "dir": str(gd),
+                "rename": {"prob": "loss3/classifier/prob"},
+            },
+        ],
+        d.name,
+    )
+
+
+def case_rename_heads_3(r: Runner, d: Path) -> str:
+    """3 classes on train_val with the deploy caffemodel: top-5 Accuracy lowered to 3, the
+    auxiliary heads' conv/fc (not in the caffemodel) drawn by --fill-missing."""
+    _, gw, _ = golden_meta("googlenet")
+    out, ow = d / "ft.prototxt", d / "ft.caffemodel"
+    rep = cli(
+        "rename-heads",
+        GOOGLENET_TV,
+        "--num-output",
+        3,
+        "--weights",
+        gw,
+        "--out-weights",
+        ow,
+        "--fill-missing",
+        "-o",
+        out,
+    )
+    text = out.read_text()
+    if "top_k: 5" in text or text.count("top_k: 3") != 3:
+        raise CaseFailed("top_k not lowered to 3 in the three top-5 accuracies")
+    heads = sorted(rep["data"]["renamed"].values())
+    filled = ["loss1/conv", "loss1/fc", "loss2/conv", "loss2/fc"]
+    dd = dummy_data(out, d / "ft_dummy.prototxt", [2, 3, 224, 224])
+    steps: list[dict] = [{"op": "parse", "proto": str(out)}]
+    for ph in ("TRAIN", "TEST"):
+        steps += [
+            {"op": "build", "id": ph, "proto": str(dd), "phase": ph, "weights": [str(ow)]},
+            {"op": "build", "id": "g" + ph, "proto": str(dd), "phase": ph, "weights": [str(gw)]},
+            {"op": "caffemodel_covers", "net": ph, "weights": str(ow)},
+            {"op": "params_equal", "a": "g" + ph, "b": ph, "exclude": heads + filled},
+            {"op": "forward", "net": ph},
+        ]
+    for h in heads:
+        steps.append({"op": "param_shape", "net": "TRAIN", "layer": h, "shape": [3, 1024]})
+    return r.caffe(steps, d.name) + "; top_k 5 -> 3"
+
+
+RESNET18 = ZOO / "resnet18_priv" / "deploy_resnet18-priv.prototxt"
+
+
+def case_freeze_bn_stats(r: Runner, d: Path) -> str:
+    """unfreeze --bn-stats (every BatchNorm follows batch statistics in TRAIN), then freeze
+    --until res2a_relu --bn-stats: Caffe's TRAIN forward keeps the pinned BatchNorm blobs and
+    gives the TEST values up to res2a, moves the others."""
+    w = d / "random.caffemodel"
+    r.caffe(
+        [
+            {"op": "build", "id": "orig", "proto": str(RESNET18)},
+            {"op": "randfill", "net": "orig", "seed": 8, "save": str(w)},
+        ],
+        d.name + "_w",
+    )
+    free = d / "free.prototxt"
+    out = d / "frozen.prototxt"
+    cli("unfreeze", RESNET18, "--layers", "*", "--bn-stats", "-o", free)
+    cli("freeze", free, "--until", "res2a_relu", "--bn-stats", "-o", out)
+    if "use_global_stats" in free.read_text():
+        raise CaseFailed("unfreeze --bn-stats left use_global_stats")
+    pinned = ["bn_conv1", "bn2a_branch2a", "bn2a_branch2b"]
+    inputs = {"seed": 4, "scale": 30.0, "shapes": {"data": [2, 3, 64, 64]}}
+    return r.caffe(
+        [
+            {
+                "op": "build",
+                "id": "train",
+                "proto": str(out),
+                "phase": "TRAIN",
+                "weights": [str(w)],
+            },
+            {"op": "build", "id": "test", "proto": str(out), "weights": [str(w)]},
+            {
+                "op": "bn_train",
+                "net": "train",
+                "pinned": pinned,
+                "free": ["bn2b_branch2a", "bn3a_branch1", "bn5b_branch2b"],
+                "inputs": inputs,
+            },
+            {"op": "forward", "net": "test", "inputs": inputs},
+            {"op": "compare", "a": ["train", "res2a"], "b": ["test", "res2a"], "tol": 1e-6},
+            {
+                "op": "compare",
+                "a": ["train", "res2b"],
+                "b": ["test", "res2b"],
+                "tol": 1e-3,
+                "expect": "differ",
+            },
+        ],
+        d.name,
+    )
+
+
+def case_import_torch(r: Runner, d: Path) -> str:
+    """export torch (mobilenet_v1 golden, BatchNorm + Scale + grouped convs), change every
+    tensor in torch (an SGD step in TRAIN mode: BatchNorm statistics too), import-torch; Caffe
+    loads the caffemodel and gives the module's outputs."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_model
+
+    from surgery.export import to_torch
+
+    gd, gw, _ = golden_meta("mobilenet_v1")
+    tdir = d / "torch"
+    cli("export", "torch", gd / "net.prototxt", "--weights", gw, "-o", tdir)
+    net = surgery.load(tdir / "net.prototxt", gw)
+    model = to_torch(net)
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.load(gd / "input.npz")["data"])
+    model.train()
+    out = model(x + torch.randn_like(x) * 10)
+    loss = (out if isinstance(out, torch.Tensor) else next(iter(out.values()))).square().sum()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.01 * p.grad / (p.grad.abs().max() + 1e-12) * p.abs().max()
+        for name, b in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                b.mul_(1.05)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    y = y if isinstance(y, torch.Tensor) else next(iter(y.values()))
+    np.savez(d / "torch_out.npz", prob=y.numpy())
+    sd = d / "tuned.safetensors"
+    save_model(model, str(sd))
+    w = d / "tuned.caffemodel"
+    cli("import-torch", tdir, "--state-dict", sd, "-o", w)
+    return r.caffe(
+        [
+            {"op": "build", "id": "ours", "proto": str(tdir / "net.prototxt"), "weights": [str(w)]},
+            {
+                "op": "build",
+                "id": "orig",
+                "proto": str(tdir / "net.prototxt"),
+                "weights": [str(gw)],
+            },
+            {"op": "forward", "net": "ours", "inputs": str(gd / "input.npz")},
+            {"op": "forward", "net": "orig", "inputs": str(gd / "input.npz")},
+            {
+                "op": "compare",
+                "a": ["ours", "prob"],
+                "b": ["npz", str(d / "torch_out.npz"), "prob"],
+                "tol": 1e-4,
+            },
+            {
+                "op": "compare",
+                "a": ["ours", "prob"],
+                "b": ["orig", "prob"],
+                "tol": 1e-3,
+                "expect": "differ",
+            },
+        ],
+        d.name,
+    )
+
+
+TRAIN_NET = """name: "tiny"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+  param { lr_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def case_train(r: Runner, d: Path, solver_type: str) -> str:
+    """surgery train (4 iterations, snapshot at 2 and 4); Caffe loads the caffemodel and
+    restores our .solverstate in its own solver, then steps on."""
+    (d / "net.prototxt").write_text(TRAIN_NET)
+    extra = "momentum: 0.9\n" if solver_type == "SGD" else "momentum: 0.9\nmomentum2: 0.999\n"
+    (d / "solver.prototxt").write_text(
+        f'net: "{d}/net.prototxt"\nbase_lr: 0.01\nlr_policy: "step"\nstepsize: 3\ngamma: 0.5\n'
+        f"{extra}weight_decay: 0.0005\nmax_iter: 4\nsnapshot: 2\ndisplay: 0\n"
+        f'snapshot_prefix: "{d}/tiny"\ntype: "{solver_type}"\nrandom_seed: 1\n'
+        f"solver_mode: CPU\n"
+    )
+    cmd = [sys.executable, "-m", "surgery", "train", str(d / "solver.prototxt"), "--device", "cpu"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise CaseFailed(f"surgery train exited {p.returncode}: {p.stderr.strip()[-300:]}")
+    model, state = d / "tiny_iter_4.caffemodel", d / "tiny_iter_2.solverstate"
+    for f in (model, state, d / "tiny_iter_2.caffemodel"):
+        if not f.exists():
+            raise CaseFailed(f"no snapshot {f.name}")
+    import numpy as np
+
+    arrs = {}
+    for it in (2, 4):
+        net = surgery.load(d / "net.prototxt", d / f"tiny_iter_{it}.caffemodel")
+        arrs[it] = {
+            f"{lay.name}/{i}": np.asarray(b)
+            for lay in net.layers
+            for i, b in enumerate(lay.blobs)
+            if b is not None
+        }
+        np.savez(d / f"iter{it}.npz", **arrs[it])
+    return r.caffe(
+        [
+            {
+                "op": "build",
+                "id": "ours",
+                "proto": str(d / "net.prototxt"),
+                "phase": "TRAIN",
+                "weights": [str(model)],
+            },
+            {"op": "params_npz", "net": "ours", "npz": str(d / "iter4.npz")},
+            {
+                "op": "solver_restore",
+                "solver": str(d / "solver.prototxt"),
+                "state": str(state),
+                "iter": 2,
+                "npz": str(d / "iter2.npz"),
             },
         ],
         d.name,
@@ -1207,6 +1719,19 @@ def cases() -> list[tuple[str, object]]:
     for rel in ZOO_ROUNDTRIP:
         out.append((f"save zoo {rel}", case_zoo_roundtrip(rel)))
     out.append(("apply googlenet_finetune.toml", case_apply))
+    out += [
+        ("init googlenet deploy", case_init),
+        ("cut googlenet deploy --at inception_4e/output", case_cut_deploy),
+        ("cut googlenet train_val --at pool5/7x7_s1", case_cut_train_val),
+        ("insert-eltwise hed relu1_2 x score-dsn1 (rewired)", case_eltwise_hed),
+        ("insert-eltwise squeezenet same shape (rewired)", case_eltwise_same_shape),
+        ("deploy googlenet train_val --keep-aux", case_deploy_keep_aux),
+        ("rename-heads googlenet 3 classes --fill-missing", case_rename_heads_3),
+        ("freeze --bn-stats resnet18", case_freeze_bn_stats),
+        ("import-torch mobilenet_v1", case_import_torch),
+        ("train snapshots SGD", lambda r, d: case_train(r, d, "SGD")),
+        ("train snapshots Adam", lambda r, d: case_train(r, d, "Adam")),
+    ]
     return out
 
 
