@@ -144,7 +144,8 @@ def test_sigkill_never_leaves_a_partial_target(
                 while not _temporaries(work) and proc.poll() is None:
                     assert time.monotonic() < deadline, "no temporary ever appeared"
                     time.sleep(0.002)
-                time.sleep(rng.uniform(0, 0.4))
+                # at once (the first kill: the write has surely not finished), then later
+                time.sleep(0 if attempt == 0 else rng.uniform(0, 0.4))
             else:  # anywhere in a run
                 time.sleep(rng.uniform(0, whole))
             proc.send_signal(signal.SIGKILL)
