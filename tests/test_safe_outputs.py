@@ -207,11 +207,16 @@ def _recipe(folder: Path, body: str) -> Path:
     ('output = "o.prototxt"\nx = ' + "[" * 400 + "]" * 400, ["nested too deeply"]),
     ('output = "o.prototxt"\nx = ' + "[" * 5 + "]" * 5 + '\n', ["unknown key(s) 'x'"]),
     ('output = "o.prototxt"\nseed = ' + "[" * 20 + "]" * 20, ["nested too deeply"]),
+    ('RAW:net = "net.prototxt"\noutput = "o.prototxt"\n[step]\nop = "freeze"',
+     ["[[step]] (double brackets)"]),
 ])
 def test_recipe_outputs_and_types_are_checked(
     recipe_dir: Path, capsys: pytest.CaptureFixture[str], body: str, words: list[str]
 ) -> None:
-    if body.startswith("net = "):
+    if body.startswith("RAW:"):
+        p = recipe_dir / "recipe.toml"
+        p.write_text(body[4:] + "\n")
+    elif body.startswith("net = "):
         p = recipe_dir / "recipe.toml"
         p.write_text(body + '\noutput = "o.prototxt"\n[[step]]\nop = "freeze"\nuntil = "ip1"\n')
     else:

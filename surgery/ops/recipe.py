@@ -279,6 +279,9 @@ def validate_recipe(recipe: Mapping[str, Any]) -> list[Step]:
             + ", ".join(_TOP_KEYS)
         )
     steps = recipe.get("step", recipe.get("steps", []))
+    if isinstance(steps, Mapping):
+        raise SurgeryError("recipe: step is one table; write each step as [[step]] (double "
+                           "brackets), one per step")
     if not isinstance(steps, list) or not steps:
         raise SurgeryError('recipe: no steps; add [[step]] tables with op = "..."')
     plan = []
