@@ -19,9 +19,9 @@ For each net:
    2 GMAC per image), spatial sizes are kept unless ``input_shapes`` says otherwise.
 3. Export (``to``): ``OUT/NAME/model.onnx`` (:func:`surgery.export.onnx.save_onnx`),
    ``OUT/NAME/torch/`` (:func:`surgery.export.torch.save_torch`), and, when a reference runs,
-   the files OpenCV and Caffe read: ``OUT/NAME/net.prototxt`` (a train_val net made deploy with
-   :func:`surgery.ops.to_deploy`, Input shapes set to the fed ones) and
-   ``OUT/NAME/weights.caffemodel``.
+   the files OpenCV and Caffe read: ``net.prototxt`` (a train_val net made deploy with
+   :func:`surgery.ops.to_deploy`, Input shapes set to the fed ones) and ``weights.caffemodel``
+   (in a temp folder; in ``OUT/NAME/`` with ``keep_references``).
 4. Verify (``verify``): run onnxruntime and torch with every blob exposed and compare every
    common blob; run OpenCV 4.x (``cv2.dnn.readNetFromCaffe`` on the saved files, an
    implementation independent of ours) and compare every blob it gives per layer; with
@@ -640,7 +640,7 @@ def convert(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
             seed: int = 0, tolerance: float = DEFAULT_TOLERANCE, opencv: bool = True,
             caffe: str | None = None, random_weights: bool = False,
             to: Sequence[str] = TARGETS, verify: Sequence[str] = ("onnxruntime", "torch"),
-            ) -> Result:
+            keep_references: bool = False) -> Result:
     """Load, export, run and compare one net (see the module docstring).
 
     Args:
@@ -657,6 +657,9 @@ def convert(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
         to: the exports written (``onnx``, ``torch``).
         verify: which of our backends run (``onnxruntime``, ``torch``); the references
             compare with each that ran.
+        keep_references: keep the files the references read (``net.prototxt``,
+            ``weights.caffemodel``) in ``out_dir/NAME/``; else they go to a temp folder,
+            removed after.
 
     Returns:
         The row. Never raises for a problem of the net: the status says it.
@@ -784,43 +787,47 @@ def convert(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
             res.notes.append("references not run: neither onnxruntime nor torch was verified")
         elif opencv or caffe:
             stage = "write reference files"
-            ref_dir = dest if dest is not None else Path(tempfile.mkdtemp(prefix="zoo-ref-"))
+            keep = keep_references and dest is not None
+            ref_dir = dest if keep else Path(tempfile.mkdtemp(prefix="convert-ref-"))
+            assert ref_dir is not None
             ref_dir.mkdir(parents=True, exist_ok=True)
-            ref = reference_net(net, shapes)
-            proto, wfile = ref_dir / "net.prototxt", ref_dir / "weights.caffemodel"
-            has_weights = any(lay.has_weights for lay in ref.layers)
-            surgery.save(ref, proto, wfile if has_weights else None)
-            if not has_weights:
-                wfile.write_bytes(b"")
-            ref_flow = resolve(ref, NetState("TEST"))
-            for backend in (["opencv"] if opencv else []) + (["caffe"] if caffe else []):
-                stage = f"run {backend}"
-                try:
+            try:
+                ref = reference_net(net, shapes)
+                proto, wfile = ref_dir / "net.prototxt", ref_dir / "weights.caffemodel"
+                has_weights = any(lay.has_weights for lay in ref.layers)
+                surgery.save(ref, proto, wfile if has_weights else None)
+                if not has_weights:
+                    wfile.write_bytes(b"")
+                ref_flow = resolve(ref, NetState("TEST"))
+                for backend in (["opencv"] if opencv else []) + (["caffe"] if caffe else []):
+                    stage = f"run {backend}"
+                    try:
+                        if backend == "opencv":
+                            got = _opencv_or_note(proto, wfile, ref_flow, feed)
+                        else:
+                            got = run_caffe(str(caffe), proto, wfile, feed)
+                    except _RefError as exc:
+                        res.notes.append(f"{backend}: {exc}")
+                        continue
+                    w, b, n_any = 0.0, "", 0
+                    for ours_name, blobs in ours.items():
+                        n_b, w_b, b_b = compare_all(blobs, got, skip=list(feed))
+                        n_any = max(n_any, n_b)
+                        if n_b and not w_b <= w:
+                            w, b = w_b, f"{ours_name} {b_b}"
+                    res.compared[f"ours/{backend}"] = n_any
+                    res.worst[f"ours/{backend}"] = b
                     if backend == "opencv":
-                        got = _opencv_or_note(proto, wfile, ref_flow, feed)
+                        res.vs_opencv = w if n_any else None
                     else:
-                        got = run_caffe(str(caffe), proto, wfile, feed)
-                except _RefError as exc:
-                    res.notes.append(f"{backend}: {exc}")
-                    continue
-                w, b, n_any = 0.0, "", 0
-                for ours_name, blobs in ours.items():
-                    n_b, w_b, b_b = compare_all(blobs, got, skip=list(feed))
-                    n_any = max(n_any, n_b)
-                    if n_b and not w_b <= w:
-                        w, b = w_b, f"{ours_name} {b_b}"
-                res.compared[f"ours/{backend}"] = n_any
-                res.worst[f"ours/{backend}"] = b
-                if backend == "opencv":
-                    res.vs_opencv = w if n_any else None
-                else:
-                    res.vs_caffe = w if n_any else None
-                if not n_any:
-                    res.notes.append(f"{backend}: no blob in common")
-                elif not w <= tolerance:
-                    fails.append(f"{b} vs {backend} rel {w:.2g}")
-            if dest is None:
-                shutil.rmtree(ref_dir, ignore_errors=True)
+                        res.vs_caffe = w if n_any else None
+                    if not n_any:
+                        res.notes.append(f"{backend}: no blob in common")
+                    elif not w <= tolerance:
+                        fails.append(f"{b} vs {backend} rel {w:.2g}")
+            finally:
+                if not keep:
+                    shutil.rmtree(ref_dir, ignore_errors=True)
         res.status = "mismatch: " + "; ".join(fails) if fails else "ok"
     except Exception as exc:  # noqa: BLE001 -- a row, not a crash of the sweep
         res.status = f"error: {stage}: {type(exc).__name__}: {_first_line(exc)}"
@@ -996,6 +1003,7 @@ class ConvertOptions:
     tolerance: float = DEFAULT_TOLERANCE
     random_weights: bool = False
     shape_rules: list[tuple[str, str, Shape]] = field(default_factory=list)
+    keep_references: bool = False
 
     def shapes_for(self, name: str) -> dict[str, Shape]:
         """The ``--input-shape`` values whose glob matches net ``name``."""
@@ -1007,6 +1015,7 @@ class ConvertOptions:
                 "tolerance": self.tolerance, "opencv": "opencv" in self.verify,
                 "caffe": self.caffe if "caffe" in self.verify else None,
                 "random_weights": self.random_weights, "to": tuple(self.to),
+                "keep_references": self.keep_references,
                 "verify": tuple(b for b in self.verify if b in ("onnxruntime", "torch"))}
 
 
@@ -1060,7 +1069,8 @@ def _input_key(path: Path, name: str, opts: ConvertOptions, hashes: _Hashes) -> 
     kw = opts.convert_kwargs(name)
     models = [] if opts.random_weights else sorted(path.parent.glob("*.caffemodel"))
     doc = {"definition": hashes(path), "caffemodels": {m.name: hashes(m) for m in models},
-           "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+           "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()
+                       if not (k == "keep_references" and not v)},  # older states: no key
            "surgery": __version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -1261,6 +1271,11 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
     def finish(w: _Worker, res: Result) -> None:
         assert w.job is not None
         res.key = w.job[2]
+        for rel, (size, digest) in res.outputs.items():  # known: no need to hash them again
+            f = out / rel
+            st = f.stat() if f.is_file() else None
+            if st is not None and st.st_size == size:
+                hashes.cache[str(f.resolve())] = [size, st.st_mtime_ns, digest]
         results[res.name] = rows[res.name] = res
         _save_state(out, rows, hashes)
         w.job = None

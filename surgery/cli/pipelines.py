@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +132,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CliError("no net definition found (or every one left out by --only/--skip)")
     opts = ConvertOptions(to=to, verify=tuple(verify), caffe=args.caffe, seed=args.seed,
                           tolerance=args.tolerance, random_weights=args.random_weights,
-                          shape_rules=rules)
+                          shape_rules=rules, keep_references=args.keep_references)
     print(f"surgery convert: {len(paths)} net(s) -> {out}; exports {', '.join(to) or 'none'}; "
           f"verify {', '.join(verify) or 'none'}", file=sys.stderr, flush=True)
+    start = time.monotonic()
     results = run_batch(paths, out, opts, names=names, jobs=args.jobs, timeout=args.timeout,
                         resume=not args.no_resume, progress=_progress_printer(sys.stderr))
+    fresh = sum(not r.reused for r in results)
+    print(f"surgery convert: {len(results)} net(s) in {time.monotonic() - start:.0f}s "
+          f"({fresh} converted, {len(results) - fresh} unchanged)", file=sys.stderr)
     print(make_table(results))
     if args.report:
         write_text_atomic(args.report, markdown_report(results))
@@ -182,6 +187,9 @@ def register(sub: Any) -> None:
                    help="largest relative error of a blob counted as equal (default 1e-4)")
     p.add_argument("--random-weights", action="store_true",
                    help="never use a caffemodel found beside a net")
+    p.add_argument("--keep-references", action="store_true",
+                   help="keep the files OpenCV/Caffe read (OUT/NAME/net.prototxt, "
+                   "weights.caffemodel; default: a temp folder)")
     p.add_argument("--no-resume", action="store_true",
                    help="convert every net again, even those unchanged since the last run")
     p.add_argument("--report", metavar="REPORT.md", help="write the table as Markdown")
