@@ -1231,6 +1231,7 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
     previous = {k: Result.from_dict(v) for k, v in state.get("nets", {}).items()}
     rows: dict[str, Result] = {k: v for k, v in previous.items() if k not in names}
     results: dict[str, Result] = {}
+    reused: dict[str, Result] = {}
     todo: list[tuple[Path, str, str]] = []
     t0 = time.perf_counter()
     for p, name in zip(paths, names, strict=True):
@@ -1239,7 +1240,7 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
         if (resume and old is not None and key and old.key == key
                 and not _is_worker_failure(old) and _outputs_intact(out, old.outputs, hashes)):
             old.reused = True
-            results[name] = rows[name] = old
+            reused[name] = rows[name] = old
         else:
             if old is not None:  # stale files of the previous conversion of this net
                 for rel in old.outputs:
@@ -1258,7 +1259,8 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
             eta = elapsed / len(fresh) * left
         progress(Progress(event, name, len(results), total, running, elapsed, eta, r))
 
-    for name, r in list(results.items()):
+    for name, r in reused.items():
+        results[name] = r
         report("done", name, [], r)
     if todo:
         _save_state(out, rows, hashes)

@@ -107,6 +107,7 @@ def test_convert_then_resume_then_one_edited(tmp_path: Path) -> None:
     assert all(r["reused"] for r in rows.values()), rows
     assert rows["odd/deploy"]["status"] == "unsupported: Python"
     assert "4 net(s) unchanged" in proc.stdout
+    assert "[4/4] odd/deploy: unsupported: Python (weights -, unchanged, reused)" in proc.stderr
     assert (out / "net0" / "deploy" / "model.onnx").stat().st_mtime_ns == onnx_mtime
 
     # an edited definition is converted again, alone; so is a net whose output was damaged
@@ -119,10 +120,14 @@ def test_convert_then_resume_then_one_edited(tmp_path: Path) -> None:
     assert [n for n, r in rows.items() if not r["reused"]] == ["net1/deploy", "net2/deploy"]
     assert rows["net1/deploy"]["params"] == 3 * 27 + 3 + 3 * 36 * 7 + 7
     assert (out / "net0" / "deploy" / "model.onnx").stat().st_mtime_ns == onnx_mtime
-    # other options are other inputs: every net is converted again
-    proc = _cli(["convert", *args, "--seed", "3"])
+    # other options are other inputs: the net is converted again (--only: the other rows
+    # stay in OUT/convert.json)
+    proc = _cli(["convert", *args, "--seed", "3", "--only", "net0/*"])
     rows = {r["name"]: r for r in json.loads(js.read_text())["nets"]}
-    assert proc.returncode == 0 and not any(r["reused"] for r in rows.values())
+    assert proc.returncode == 0 and list(rows) == ["net0/deploy"]
+    assert not rows["net0/deploy"]["reused"]
+    state = json.loads((out / "convert.json").read_text())["nets"]
+    assert sorted(state) == ["net0/deploy", "net1/deploy", "net2/deploy", "odd/deploy"]
 
 
 def test_sigkill_of_one_worker_is_that_nets_row(tmp_path: Path) -> None:
