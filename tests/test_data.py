@@ -244,8 +244,9 @@ def test_leveldb_without_plyvel_says_how_to_get_it(tmp_path: Path,
 # -- bad inputs: one clear error naming the file and the item -----------------------------------
 def test_missing_database(tmp_path: Path) -> None:
     proto = data_net(tmp_path, source="nowhere")
-    with pytest.raises(DataError, match=r"data_param.source 'nowhere' not found.*nowhere"):
+    with pytest.raises(DataError, match=r"data_param.source 'nowhere' not found.*nowhere") as e:
         sd.dataset(proto, "data", "test")
+    assert "run from the folder it is relative to" in str(e.value)  # the fix, not only where
 
 
 def test_wrong_backend_says_which(tmp_path: Path) -> None:

@@ -53,7 +53,9 @@ def resolve_path(written: str, field: str, *, net_source: str | None, where: str
             return Resolved(field, written, cand)
     looked = " or ".join(str(t) for t in dict.fromkeys(tried))
     kind = {"exist": "", "file": " (a file)", "dir": " (a folder)"}[must_be]
-    raise DataError(f"{where}{field} {written!r} not found{kind}: looked for {looked}")
+    fix = ("run from the folder it is relative to, or put it (a link will do) at one of those"
+           if not p.is_absolute() else "fix the path in the prototxt")
+    raise DataError(f"{where}{field} {written!r} not found{kind}: looked for {looked}; {fix}")
 
 
 class Source:
