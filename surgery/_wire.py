@@ -247,17 +247,25 @@ def _fields(buf: mmap.mmap | bytes, pos: int, end: int) -> Iterable[tuple[int, i
         yield number, wire, start, vstart, pos
 
 
+#: protobuf's own default nesting limit (``io::CodedInputStream``): deeper is malformed.
+_MAX_DEPTH = 100
+
+
 def _skip_group(buf: mmap.mmap | bytes, pos: int, end: int, number: int, start: int) -> int:
     # Groups are deprecated and never in Caffe's schema, but a fork could have one; skip it.
+    # Iterative, with protobuf's nesting limit: a file of group-start bytes must not recurse.
+    stack = [(number, start)]
     while pos < end:
         key_at = pos
         key, pos = _varint(buf, pos, end)
         wire = key & 7
         if wire == _EGROUP:
-            if key >> 3 != number:
+            if key >> 3 != stack[-1][0]:
                 raise _WireError("mismatched end-group tag", key_at)
-            return pos
-        if wire == _VARINT:
+            stack.pop()
+            if not stack:
+                return pos
+        elif wire == _VARINT:
             _, pos = _varint(buf, pos, end)
         elif wire == _LEN:
             length, pos = _varint(buf, pos, end)
@@ -267,10 +275,12 @@ def _skip_group(buf: mmap.mmap | bytes, pos: int, end: int, number: int, start: 
         elif wire == _I64:
             pos += 8
         elif wire == _SGROUP:
-            pos = _skip_group(buf, pos, end, key >> 3, key_at)
+            if len(stack) >= _MAX_DEPTH:
+                raise _WireError(f"groups nested deeper than {_MAX_DEPTH}", key_at)
+            stack.append((key >> 3, key_at))
         else:
             raise _WireError(f"bad wire type {wire}", key_at)
-    raise _WireError(f"group {number} is not closed", start)
+    raise _WireError(f"group {stack[-1][0]} is not closed", stack[-1][1])
 
 
 def _int64(value: int) -> int:
@@ -491,8 +501,10 @@ def read_caffemodel(path: str | os.PathLike[str], progress: Progress | None = No
             the file, the layer and the byte offset).
         OSError: The file cannot be opened.
     """
+    from ._inputs import open_regular
+
     fspath = os.fspath(path)
-    with open(fspath, "rb") as f:
+    with open_regular(fspath, "weights") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return WeightFile(fspath, [], b"", "empty")

@@ -23,6 +23,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from . import _atomic, _unknown_fields, _wire
+from ._inputs import read_regular
 from ._proto import caffe_pb2
 from .errors import NetError, ParseError, SurgeryError
 from .layers import _is_repeated, param_field_for
@@ -274,10 +275,7 @@ def _parse_text_file(
     :mod:`surgery._unknown_fields`); otherwise such a field is a :class:`ParseError`.
     """
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise ParseError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    raw = read_regular(p, "definition")
     if b"\x00" in raw[:4096]:
         raise ParseError(
             f"{p}: this looks like a binary file (a .caffemodel?), not a text .prototxt; "
@@ -647,11 +645,21 @@ def load(
     except ValueError as exc:
         raise ParseError(f"{prototxt}: {exc}") from None
     net = net_from_proto(msg, str(prototxt), notes)
+    if not net.layers:
+        raise ParseError(f"{prototxt}: defines no layers; is this the network definition?")
     if unknown:
         _attach_verbatim(net, names, unknown, str(prototxt))
     if weights is not None:
         wf = read_weights(weights, progress=progress)
-        net.weight_report = attach_weights(net, wf)  # type: ignore[attr-defined]
+        report = attach_weights(net, wf)
+        if not report.loaded and any(r.blobs for r in wf.layers):
+            names = sorted({r.name for r in wf.layers if r.blobs})
+            raise ParseError(
+                f"{weights}: none of its {len(names)} layer(s) with weights "
+                f"({', '.join(repr(n) for n in names[:3])}{', ...' if len(names) > 3 else ''}) "
+                f"is named like a layer of {prototxt}; is this the caffemodel for that net?"
+            )
+        net.weight_report = report  # type: ignore[attr-defined]
         net.weights_source = str(weights)
     return net
 
@@ -688,11 +696,15 @@ def read_weights(
         ParseError: unreadable, truncated or not a caffemodel.
     """
     try:
-        return _wire.read_caffemodel(path, progress=progress)
+        wf = _wire.read_caffemodel(path, progress=progress)
     except OSError as exc:
         raise ParseError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ParseError(str(exc)) from None
+    if not wf.layers:
+        raise ParseError(f"{path}: holds no layers ({os.path.getsize(path):,} bytes); "
+                         "not a caffemodel, or an empty one")
+    return wf
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -755,7 +767,9 @@ def save(
             header = layer_to_proto(layer).SerializeToString()
             records.append((header, [p.data for p in layer.params]))
         if not records:
-            raise SurgeryError(f"{weights}: the net has no weights to write")
+            what = net.source or "the net"
+            raise SurgeryError(f"{weights}: nothing to write: {what} has no layer with "
+                               "learnable blobs (weights)")
     with _atomic.outputs() as out:  # both files or neither
         if text is not None:
             out.write_text(prototxt, text)  # type: ignore[arg-type]

@@ -12,10 +12,12 @@ Cases (each problem names the layer and says how to fix it):
 6. Two layers with the same name in one phase (weights are matched by name).
 7. Fields our schema does not know (a fork's), kept verbatim: a warning each, since what
    they mean is unknown (exports refuse the layer; see :func:`verbatim_problems`).
+8. An lr_mult or decay_mult that is not a finite number (nan, inf).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,6 +64,11 @@ def check(net: Net, states: tuple[NetState, ...] | None = None) -> list[Problem]
             problems.append(
                 Problem("error", lay.name, "has both include and exclude rules; keep only one")
             )
+        for i, p in enumerate(lay.params):  # case 8
+            for what, v in (("lr_mult", p.lr_mult), ("decay_mult", p.decay_mult)):
+                if v is not None and not math.isfinite(v):
+                    problems.append(Problem("error", lay.name, f"param {i} has {what} {v}; "
+                                            "it must be a finite number"))
         if lay.type == "BatchNorm":  # case 3
             for i, p in enumerate(lay.params):
                 if p.lr_mult is not None and p.lr_mult != 0:

@@ -19,6 +19,7 @@ __all__ = [
     "DataError",
     "SolverError",
     "did_you_mean",
+    "printable",
 ]
 
 
@@ -56,6 +57,16 @@ class DataError(SurgeryError):
 
 class SolverError(SurgeryError):
     """A solver file, solver state or training run Caffe would refuse (or we cannot honour)."""
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (newline, ESC, NUL, DEL, C1) written as
+    ``\\xNN``: names from a file printed this way cannot drive the terminal or split a row."""
+    return "".join(
+        f"\\x{ord(c):02x}" if (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0
+                               or c in "\u2028\u2029") else c
+        for c in text
+    )
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -68,6 +68,10 @@ def fill(
     f = dict(filler or {})
     kind = f.get("type", "constant")
     shape = tuple(int(d) for d in shape)
+    from ._inputs import check_alloc
+
+    # The float64 draw is made before the float32 copy: 12 bytes per value at the peak.
+    check_alloc(12 * math.prod(shape), f"a {kind} filler for a blob of shape {shape}")
     if kind == "constant":
         out = np.full(shape, f.get("value", 0.0), np.float32)
     elif kind == "uniform":

@@ -307,16 +307,47 @@ def infer(
             tops = top_shapes(layer, known)
             tops = [o if o is not None else t for o, t in zip(overrides, tops, strict=True)]
         for v, s in zip(node.outputs, tops, strict=True):
+            if s is not None:
+                _check_blob(layer, bottoms, v.name, s, source=not node.inputs)
             info.value_shapes[v] = s
         if all(b is not None for b in bottoms):
             known = [b for b in bottoms if b is not None]
             params = param_shapes(layer, known)
+            for i, ps in enumerate(params):
+                if math.prod(ps) > MAX_COUNT:
+                    _fail(layer, known, f"learnable blob {i} would have shape {tuple(ps)}, "
+                          f"{math.prod(ps):,} elements, more than Caffe's limit of "
+                          f"{MAX_COUNT:,} (INT_MAX)", "Fix num_output or the input size.")
             info.node_params[node] = params
             if check_weights:
                 _check_weights(layer, known, params)
             if all(t is not None for t in tops):
                 info.node_macs[node] = macs(layer, known, [t for t in tops if t is not None])
     return info
+
+
+#: Caffe's limits on a blob (``blob.cpp``): at most 32 axes, at most INT_MAX elements.
+MAX_AXES = 32
+MAX_COUNT = 2**31 - 1
+
+
+def _check_blob(layer: Layer, bottoms: Sequence[Shape | None], blob: str, shape: Shape,
+                *, source: bool) -> None:
+    """Caffe's ``Blob::Reshape`` checks, and positive sizes for a net input."""
+    if len(shape) > MAX_AXES:
+        _fail(layer, bottoms, f"top {blob!r} would have {len(shape)} axes, more than Caffe's "
+              f"limit of {MAX_AXES}", "Give the blob at most 32 axes.")
+    if any(d < 0 or (source and d == 0) for d in shape):
+        _fail(layer, bottoms, f"top {blob!r} would have shape {_short(shape)}: every size must be "
+              f"{'positive' if source else 'non-negative'}",
+              "Fix the input shape (dim)." if source else "Fix the layer's parameters.")
+    n = 1
+    for d in shape:
+        n *= d
+    if n > MAX_COUNT:
+        _fail(layer, bottoms, f"top {blob!r} would have shape {shape}, {n:,} elements, more "
+              f"than Caffe's limit of {MAX_COUNT:,} (INT_MAX)",
+              "Fix the input shape or the layer's sizes.")
 
 
 def _check_weights(layer: Layer, bottoms: list[Shape], expected: list[Shape]) -> None:
@@ -326,10 +357,16 @@ def _check_weights(layer: Layer, bottoms: list[Shape], expected: list[Shape]) ->
     if not any(d is not None for d in loaded):
         return
     if len(loaded) != len(expected) or any(d is None for d in loaded):
+        present = [d for d in loaded if d is not None]
+        missing = [i for i, d in enumerate(loaded) if d is None]
+        got = ", ".join(str(tuple(d.shape)) for d in present) or "none"
         _fail(
             layer,
             bottoms,
-            f"the loaded weights have {len(loaded)} blob(s), Caffe expects {len(expected)} "
+            f"the loaded weights have {len(present)} blob(s) ({got})"
+            + (f", blob(s) {missing} missing" if missing and len(loaded) == len(expected)
+               else "")
+            + f"; Caffe expects {len(expected)} "
             f"({', '.join(str(s) for s in expected) or 'none'})",
             "Rename the layer to learn it from scratch, or fix bias_term / the layer parameters.",
         )
@@ -346,8 +383,14 @@ def _check_weights(layer: Layer, bottoms: list[Shape], expected: list[Shape]) ->
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _short(shape: Shape | None) -> str:
+    if shape is not None and len(shape) > 8:
+        return f"({len(shape)} axes: {', '.join(map(str, shape[:4]))}, ...)"
+    return str(shape)
+
+
 def _fail(layer: Layer, bottoms: Sequence[Shape | None], what: str, fix: str = "") -> None:
-    shapes = ", ".join(str(b) for b in bottoms) if bottoms else "none"
+    shapes = ", ".join(_short(b) for b in bottoms) if bottoms else "none"
     msg = f"layer {layer.name!r} ({layer.type}): {what}; bottom shapes: {shapes}."
     raise ShapeMismatchError(msg + (" " + fix if fix else ""))
 
@@ -539,6 +582,14 @@ def _conv_geometry(layer: Layer, bottoms: list[Shape]) -> _ConvGeometry:
             "Give one dilation for all axes or one per spatial axis.",
         )
     dilation = [1] * n if not dilation else dilation * n if len(dilation) == 1 else dilation
+    if any(d <= 0 for d in dilation):
+        _fail(layer, bottoms, f"convolution_param.dilation {dilation} must be positive",
+              "Fix dilation (1 means no dilation).")
+    for what, vals in (("kernel_size", kernel), ("pad", pad), ("stride", stride),
+                       ("dilation", dilation)):
+        if any(v > MAX_COUNT for v in vals):
+            _fail(layer, bottoms, f"convolution_param.{what} {vals} is beyond Caffe's int range",
+                  f"Fix {what}.")
     num_output = int(_get(layer, "num_output", 0))
     group = int(_get(layer, "group", 1))
     if num_output <= 0:
@@ -756,11 +807,24 @@ shape_rule(
     "Threshold",
     "Clip",
     "Swish",
-    "Dropout",
-    "Softmax",
     "MVN",
     "BN",  # PSPNet/SegNet fork BN
 )(_same)
+
+
+@shape_rule("Softmax")
+def _softmax(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
+    _axis(layer, int(_get(layer, "axis", 1)), bottoms[0], "softmax_param.axis")
+    return [bottoms[0]]
+
+
+@shape_rule("Dropout")
+def _dropout(layer: Layer, bottoms: list[Shape]) -> list[Shape | None]:
+    ratio = float(_get(layer, "dropout_ratio", 0.5))
+    if not 0.0 <= ratio < 1.0:
+        _fail(layer, bottoms, f"dropout_param.dropout_ratio {ratio} is outside [0, 1)",
+              "Caffe requires 0 <= dropout_ratio < 1.")
+    return [bottoms[0]]
 
 
 @param_rule("BN")

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .dataflow import Dataflow, resolve
-from .errors import SurgeryError
+from .errors import SurgeryError, printable
 from .net import Net, NetState
 
 __all__ = [
@@ -149,7 +149,7 @@ class VerifyReport:
         head = ["blob", "shape"] + [f"{b} abs / rel" for b in self.backends]
         body = []
         for blob, per in cells.items():
-            row = [blob, "x".join(map(str, shapes[blob])) or "scalar"]
+            row = [printable(blob), "x".join(map(str, shapes[blob])) or "scalar"]
             for b in self.backends:
                 r = per.get(b)
                 if r is None:
@@ -186,7 +186,7 @@ class VerifyReport:
         for b, why in self.skipped.items():
             lines.append(f"{b}: skipped: {why}")
         lines.append("PASS" if self.passed else "FAIL")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -220,11 +220,7 @@ def load_inputs(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str,
     Raises:
         SurgeryError: the file cannot be read, or an input is missing.
     """
-    try:
-        with np.load(path) as z:
-            arrays = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise SurgeryError(f"{path}: cannot read as .npz: {exc}") from None
+    arrays = _read_npz(path, "input arrays", np.float32)
     if len(arrays) == 1 and len(names) == 1 and names[0] not in arrays:
         return {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]
@@ -241,11 +237,16 @@ def random_inputs(shapes: Mapping[str, Sequence[int] | None], seed: int = 0
     Raises:
         SurgeryError: a shape is unknown.
     """
+    from ._inputs import check_alloc
+
+    if not 0 <= seed < 2**64:
+        raise SurgeryError(f"seed must be an integer in [0, 2^64); got {seed}")
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in shapes.items():
         if shape is None:
             raise SurgeryError(f"the shape of input {name!r} is unknown; pass --input X.npz")
+        check_alloc(12 * math.prod(shape), f"the random input {name!r} of shape {tuple(shape)}")
         out[name] = rng.standard_normal(tuple(shape)).astype(np.float32)
     return out
 
@@ -329,15 +330,19 @@ def _run_opencv(net: Net, inputs: dict[str, np.ndarray], phase: str, files: _Fil
                     "not a reference for this net")
     with tempfile.TemporaryDirectory(prefix="surgery-verify-") as tmp:
         proto, weights = files.prototxt, files.weights
-        if proto is None or weights is None:
+        if not net.has_weights:  # a net without learnable layers (ReLUs, pooling...)
+            weights = None
+        if proto is None or (weights is None and net.has_weights):
             from . import _atomic
             from .caffe_io import save
 
-            proto, weights = str(Path(tmp) / "net.prototxt"), str(Path(tmp) / "w.caffemodel")
+            proto = str(Path(tmp) / "net.prototxt")
+            weights = str(Path(tmp) / "w.caffemodel") if net.has_weights else None
             with _atomic.standalone():  # scratch files read back at once, not outputs
                 save(net, proto, weights)
         try:
-            cvnet = cv2.dnn.readNetFromCaffe(proto, weights)
+            cvnet = (cv2.dnn.readNetFromCaffe(proto, weights) if weights is not None
+                     else cv2.dnn.readNetFromCaffe(proto))
         except cv2.error as exc:
             raise _Skip(f"OpenCV cannot read the net: {_first_line(exc)}") from None
     if hasattr(cvnet, "enableWinograd"):  # Caffe has no Winograd: keep its rounding close
@@ -406,20 +411,78 @@ def _available(backend: str) -> str | None:
 
 
 # -- golden -----------------------------------------------------------------------------------
+def _read_npz(path: str | os.PathLike[str], what: str, dtype: Any = None
+              ) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` (numbers only, never pickles), as ``dtype`` when given.
+
+    Raises:
+        SurgeryError: not a regular file, not an .npz, truncated, or non-numeric arrays.
+    """
+    import zipfile
+
+    from ._inputs import open_regular
+
+    with open_regular(path, what) as f:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                if not hasattr(z, "files"):
+                    raise ValueError("a single .npy array, not an .npz archive")
+                arrays = {}
+                for k in z.files:
+                    a = z[k]
+                    if a.dtype.kind not in "biuf":
+                        raise ValueError(f"array {k!r} holds {a.dtype} values, not numbers")
+                    arrays[k] = np.asarray(a, dtype=dtype) if dtype is not None else a
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile,
+                NotImplementedError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SurgeryError(f"{path}: cannot read the {what} as .npz: {msg}") from None
+    return arrays
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    from ._inputs import read_regular
+
+    raw = read_regular(path, what, max_bytes=256 << 20)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise SurgeryError(f"{path}: not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SurgeryError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _check_probes(path: Path, probes: dict[str, Any]) -> None:
+    for name, probe in probes.items():
+        try:
+            ok = (isinstance(probe, dict)
+                  and all(isinstance(d, int) and d >= 0 for d in probe["shape"])
+                  and len(probe["index"]) == len(probe["value"])
+                  and all(isinstance(i, int) and 0 <= i < math.prod(probe["shape"])
+                          for i in probe["index"])
+                  and all(isinstance(v, (int, float)) for v in probe["value"]))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise SurgeryError(f"{path}: blob {name!r}: a probe needs 'shape' (sizes), and "
+                               "'index' (flat positions inside it) and 'value' (numbers) of "
+                               "the same length")
+
+
 def _golden(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
                                    dict[str, Any], dict[str, Any]]:
-    try:
-        with np.load(folder / "input.npz") as z:
-            inputs = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
-        with np.load(folder / "outputs.npz") as z:
-            outputs = {k: np.asarray(z[k]) for k in z.files}
-        meta = json.loads((folder / "meta.json").read_text()) if (
-            folder / "meta.json").exists() else {}
-        probes = json.loads((folder / "probes.json").read_text()) if (
-            folder / "probes.json").exists() else {}
-    except (OSError, ValueError) as exc:
-        raise SurgeryError(f"{folder}: not a golden folder (input.npz, outputs.npz, "
-                           f"meta.json, probes.json): {exc}") from None
+    inputs = _read_npz(folder / "input.npz", "golden inputs", np.float32)
+    outputs = _read_npz(folder / "outputs.npz", "golden outputs")
+    meta = _read_json(folder / "meta.json", "golden meta") if (
+        folder / "meta.json").exists() else {}
+    probes = _read_json(folder / "probes.json", "golden probes") if (
+        folder / "probes.json").exists() else {}
+    tol = meta.get("tolerance", 1e-4)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise SurgeryError(f"{folder / 'meta.json'}: 'tolerance' must be a number >= 0; "
+                           f"found {tol!r}")
+    _check_probes(folder / "probes.json", probes)
     return inputs, outputs, meta, probes
 
 
@@ -491,7 +554,16 @@ def verify(
     tolerance = 1e-4 if tolerance is None else float(tolerance)
     if tolerance < 0 or math.isnan(tolerance):
         raise SurgeryError(f"tolerance must be >= 0, got {tolerance}")
-    shapes = net_input_shapes(net, phase, input_shapes)
+        if not net.has_weights:  # a net without learnable layers (ReLUs, pooling...)
+            weights = None
+        if proto is None or (weights is None and net.has_weights):
+            from . import _atomic
+            from .caffe_io import save
+
+            proto = str(Path(tmp) / "net.prototxt")
+            weights = str(Path(tmp) / "w.caffemodel") if net.has_weights else None
+            with _atomic.standalone():  # scratch files read back at once, not outputs
+                save(net, proto, weights)
     if inputs is None:
         feed = random_inputs(shapes, seed)
     else:
@@ -505,6 +577,18 @@ def verify(
         if want is not None and len(want) != arr.ndim:
             raise SurgeryError(f"input {name!r} has shape {arr.shape}; the net expects "
                                f"{len(want)} axes like {tuple(want)}")
+    given = {n: tuple(a.shape) for n, a in feed.items()}
+    try:
+        blob_shapes = infer(flow, given).blob_shapes()
+    except SurgeryError as exc:
+        raise SurgeryError(f"with the input shapes {given}: {exc}") from None
+    for name, want in ref_blobs.items():
+        have = blob_shapes.get(name)
+        if have is not None and name not in feed and np.asarray(want).size != math.prod(have):
+            raise SurgeryError(
+                f"{Path(golden or '') / 'outputs.npz'}: blob {name!r} has shape "
+                f"{tuple(np.asarray(want).shape)}, the net gives {have}; is this the golden "
+                "folder of this net?")
     files = _Files(str(prototxt) if prototxt else net.source,
                    str(weights) if weights else net.weights_source)
     report = VerifyReport(reference, tolerance, inputs={k: v.shape for k, v in feed.items()})
@@ -528,7 +612,6 @@ def verify(
         report.reference = {"opencv": "opencv (independent)",
                             "reference64": "reference64 (numpy, float64)"}.get(ref_name, ref_name)
     report.backends = list(results)
-    flow = resolve(net, NetState(phase))
     order = flow.blob_names()
     det = _detection_blobs(flow)
     splits = _split_names(flow)
@@ -537,11 +620,15 @@ def verify(
     for b, got in results.items():
         report.uncompared[b] = 0
         for name in ref_names:
-            if name in feed:
-                continue
+            if name in feed and not _rewritten(flow, name):
+                continue  # the input as given; an input rewritten in place is compared
             key = splits.get(name, name)
             if key not in got and key.split("@")[0] in got and _is_latest(flow, key):
                 key = key.split("@")[0]
+            if key not in got and _rewritten(flow, name):
+                # ONNX keeps the input's name for the graph input: the rewritten last
+                # version of an in-place-modified input is exposed as <blob>@<layer>
+                key = f"{name}@{flow.latest(name).producer.layer.name}"
             if key not in got:
                 report.uncompared[b] += 1
                 continue
@@ -554,6 +641,14 @@ def verify(
                 shape = tuple(probes[name]["shape"])
             report.rows.append(BlobError(name, b, shape, diff, rel, note))
     return report
+
+
+def _rewritten(flow: Dataflow, blob: str) -> bool:
+    """True when a layer writes ``blob`` in place after it was fed (Caffe exposes that)."""
+    try:
+        return bool(flow.latest(blob).producer.inputs)
+    except SurgeryError:
+        return False
 
 
 def _detection_blobs(flow: Dataflow) -> set[str]:

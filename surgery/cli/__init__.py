@@ -14,9 +14,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import SurgeryError
+from ..errors import printable as escape
 
 __all__ = [
     "main",
@@ -35,6 +36,8 @@ __all__ = [
     "emit",
     "missing_extra_message",
     "OPTIONAL_MODULES",
+    "escape",
+    "one_line",
 ]
 
 
@@ -309,14 +312,56 @@ VERB_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit 2), like ours."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line, with control characters (terminal escapes, NUL) escaped.
+
+    Newlines become ``" | "``; any other character below 0x20, DEL and the C1 controls are
+    written as ``\\xNN`` so a hostile layer or file name cannot drive the terminal.
+    """
+    text = " | ".join(part for part in text.split("\n") if part.strip())
+    return escape(text)
+
+
+#: Option destinations that name input files; an error that names none of them gets the net
+#: (and weights) as prefix, so every message says which file it is about.
+_FILE_DESTS = ("recipe", "net", "weights", "input", "golden", "source", "output",
+               "out_weights", "report")
+
+
+def _with_file(args: argparse.Namespace, message: str) -> str:
+    files: list[str] = []
+    for dest in _FILE_DESTS:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v:
+                files.append(v)
+    if not files or any(f in message for f in files):
+        return message
+    inputs = [(dest, getattr(args, dest)) for dest in ("recipe", "net", "weights", "input",
+                                                        "golden")
+              if isinstance(getattr(args, dest, None), str)]
+    if not inputs:
+        return f"{files[0]}: {message}"
+    (_, first), rest = inputs[0], inputs[1:]
+    extra = ", ".join(f"{dest} {value}" for dest, value in rest)
+    return f"{first}" + (f" ({extra})" if extra else "") + f": {message}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every verb registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="surgery",
         description="Model surgery on Caffe networks (prototxt + caffemodel).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
 
     for module in VERB_MODULES:
@@ -327,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+    for verb_parser in _leaf_parsers(sub):
+        verb_parser.add_argument(
+            "--max-bytes", type=_size, default=None, metavar="N",
+            help="refuse to allocate more than N bytes for one array (suffixes K, M, G; "
+            "default a quarter of RAM)")
     return parser
 
 
@@ -374,13 +424,44 @@ def _quiet_broken_pipe() -> int:
     return 0
 
 
+def _leaf_parsers(sub: Any) -> list[argparse.ArgumentParser]:
+    out = []
+    for p in dict.fromkeys(sub.choices.values()):  # aliases map to one parser
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        out.extend(_leaf_parsers(nested[0]) if nested else [p])
+    return out
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Options every verb may have, checked once here rather than in each verb."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise CliError(f"--seed must be an integer in [0, 2^64); got {seed}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
     from .._atomic import Terminated, sigterm_as_exit
+    from .._inputs import set_max_bytes
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    old_limit = set_max_bytes(getattr(args, "max_bytes", None))
     try:
+        _check_common(args)
         with sigterm_as_exit():  # SIGTERM cleans up like Ctrl-C (outputs are written as a set)
             code = int(args.func(args) or 0)
         sys.stdout.flush()
@@ -388,7 +469,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurgeryError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"surgery {args.verb}: error: {exc}", file=sys.stderr)
+        message = one_line(_with_file(args, str(exc)))
+        print(f"surgery {args.verb}: error: {message}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        if args.debug:
+            traceback.print_exc()
+        print(f"surgery {args.verb}: error: {one_line(_with_file(args, 'nested too deeply'))}"
+              f" (a definition, recipe or weights file nests messages beyond what this tool "
+              f"and Caffe accept)", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         message = missing_extra_message(exc)
@@ -406,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("terminated", file=sys.stderr)
         return 143
+    finally:
+        set_max_bytes(old_limit)
 
 
 def __getattr__(name: str) -> Any:  # surgery.cli.info_report etc. live in cli.inspect

@@ -7,6 +7,7 @@ Only light modules are imported here (no torch, no onnx).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -35,6 +36,8 @@ def _floats(text: str | None, what: str, count: tuple[int, int] = (1, 2)) -> lis
         raise CliError(f"{what} must be W or W,B (numbers); got {text!r}") from None
     if not count[0] <= len(vals) <= count[1]:
         raise CliError(f"{what} must be W or W,B (numbers); got {text!r}")
+    if not all(math.isfinite(v) for v in vals):
+        raise CliError(f"{what} must be finite numbers; got {text!r}")
     return vals
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import CliError, add_input_shape_option, emit, ensure_distinct, ensure_output, input_shapes
+from . import escape
 
 __all__ = ["register", "info_report", "info_text"]
 
@@ -230,6 +231,7 @@ def info_text(rep: dict[str, Any], wide: bool = False, width: int = TABLE_WIDTH)
                     blobs or "-",
                 )
             )
+    rows = [tuple(escape(c) for c in r) for r in rows]  # names come from the file
     if wide:
         widths = [min(max(len(r[i]) for r in rows), 48) for i in range(4)]
         lines = [
@@ -268,6 +270,8 @@ def info_text(rep: dict[str, Any], wide: bool = False, width: int = TABLE_WIDTH)
         tail.append(f"{p['severity']}{phase}: {where}{p['message']}")
     if not rep["problems"]:
         tail.append("check: no problems found")
+    # Names come from the file: no terminal escapes, one row per layer whatever they hold.
+    tail = [escape(line) for line in tail]
     if not wide:
         tail = [
             textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
@@ -299,6 +303,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         raise CliError("--out-weights needs --weights (the legacy caffemodel to upgrade)")
     ensure_distinct(args.output, args.out_weights, "-o and --out-weights")
     net = load(args.net, args.weights)
+    from ..check import assert_valid
+
+    assert_valid(net)  # the README's promise: every output passes check
     save(net, args.output, args.out_weights)
     rep = {
         "output": args.output,

@@ -158,10 +158,12 @@ class LoweringContext:
             data = fill(fillers[index] if index < len(fillers) else None, shape,
                         self.rng or np.random.default_rng(0))
         arr = np.asarray(data, dtype=np.float32)
-        if arr.size != math.prod(shape):
+        from ..shapes import blob_shape_matches
+
+        if arr.size != math.prod(shape) or not blob_shape_matches(shape, arr.shape):
             raise NetError(
-                f"layer {node.layer.name!r}: blob {index} has {arr.size} values "
-                f"({tuple(arr.shape)}), the layer needs {tuple(shape)}. Rename the layer to "
+                f"layer {node.layer.name!r}: blob {index} has shape {tuple(arr.shape)} "
+                f"({arr.size} values), the layer needs {tuple(shape)}. Rename the layer to "
                 "learn it from scratch, or fix its parameters."
             )
         return torch.from_numpy(arr.reshape(tuple(shape)).copy())

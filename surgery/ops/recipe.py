@@ -87,11 +87,10 @@ def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "reading a TOML recipe needs Python 3.11+ or the tomli package "
                 "(pip install tomli); a dict recipe works without it"
             ) from None
+    from .._inputs import read_regular
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise SurgeryError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    raw = read_regular(p, "recipe", max_bytes=64 << 20)
     try:
         recipe = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -278,6 +277,10 @@ def validate_recipe(recipe: Mapping[str, Any]) -> list[Step]:
             f"recipe: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
             + ", ".join(_TOP_KEYS)
         )
+    seed = recipe.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**64):
+        raise SurgeryError(f"recipe: seed must be an integer in [0, 2^64); found {seed!r:.60}")
     steps = recipe.get("step", recipe.get("steps", []))
     if isinstance(steps, Mapping):
         raise SurgeryError("recipe: step is one table; write each step as [[step]] (double "

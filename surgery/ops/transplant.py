@@ -183,6 +183,14 @@ def transplant(
         if dst in by_target:
             dupes.append(rec.name)
         by_target[dst] = rec
+    if unused and not any(r.blobs for r in by_target.values()):
+        names = [r.name for r in unused]
+        raise SurgeryError(
+            f"{src_name}: none of its {len(names)} layer(s) with weights "
+            f"({', '.join(repr(n) for n in names[:3])}{', ...' if len(names) > 3 else ''}) "
+            f"is named like a layer of {out.source or 'the net'}; is this the right "
+            "caffemodel? Map names with --map SRC=DST"
+        )
     for name in dict.fromkeys(dupes):
         report.note(f"source has several layers named {name!r}: the last one was copied")
     expected, assumptions = _expected(out, input_shapes)
