@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import ParseError, SurgeryError
 
 __all__ = ["open_regular", "read_regular", "check_regular", "default_max_bytes",
-           "check_alloc", "set_max_bytes"]
+           "check_alloc", "set_max_bytes", "load_numpy"]
 
 PathLike = str | os.PathLike[str]
 
@@ -83,6 +83,38 @@ def read_regular(path: PathLike, what: str = "file", max_bytes: int | None = Non
         except OSError as exc:
             raise ParseError(f"{os.fspath(path)}: cannot read the {what}: "
                              f"{exc.strerror or exc}") from None
+
+
+def load_numpy(path: PathLike, what: str = "array file") -> Any:
+    """``np.load`` of a regular file without pickles: an array (.npy) or a dict of arrays
+    (.npz), numbers only.
+
+    Raises:
+        ParseError: not a regular file, truncated, not .npy/.npz, or non-numeric arrays.
+    """
+    import zipfile
+
+    import numpy as np
+
+    p = os.fspath(path)
+    with open_regular(p, what) as f:
+        try:
+            loaded = np.load(f, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                arrays: Any = loaded
+                check = {"": loaded}
+            else:
+                with loaded as z:
+                    arrays = {k: z[k] for k in z.files}
+                check = arrays
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile,
+                NotImplementedError, TypeError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ParseError(f"{p}: cannot read the {what} as .npy/.npz: {msg}") from None
+    for k, a in check.items():
+        if a.dtype.kind not in "biuf":
+            raise ParseError(f"{p}: array {k or 0!r} holds {a.dtype} values, not numbers")
+    return arrays
 
 
 _max_bytes: int | None = None

@@ -308,51 +308,116 @@ def _read_dims(buf: mmap.mmap, pos: int, end: int) -> list[int]:
     return dims
 
 
-def _view(buf: mmap.mmap, segments: list[tuple[int, int]], dtype: str) -> np.ndarray:
-    """The elements of `segments` [(offset, count)] as one array; zero-copy when there is one."""
-    if len(segments) == 1:
-        offset, count = segments[0]
+def _view(buf: mmap.mmap, segments: list[tuple[int, int, int, int]], dtype: str
+          ) -> np.ndarray:
+    """The elements of `segments` [(offset, records, stride, elements per record)] as one
+    array; zero-copy when there is one packed run."""
+    size = np.dtype(dtype).itemsize
+    if len(segments) == 1 and segments[0][2] == size and segments[0][3] == 1:
+        offset, count, _, _ = segments[0]
         return np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
     if not segments:
         return np.empty(0, dtype=dtype)
-    # Several packed runs or unpacked elements: legal protobuf, never written by Caffe. Copy.
-    return np.concatenate([np.frombuffer(buf, dtype=dtype, count=n, offset=o) for o, n in segments])
+    # Several packed runs or unpacked elements: legal protobuf, never written by Caffe. One
+    # copy into an array of the final size (never a list of per-element arrays).
+    out = np.empty(sum(n * w for _, n, _, w in segments), dtype=dtype)
+    at = 0
+    for offset, count, stride, width in segments:
+        out[at:at + count * width] = np.ndarray(
+            (count, width), dtype=dtype, buffer=buf, offset=offset, strides=(stride, size)
+        ).reshape(-1)
+        at += count * width
+    return out
+
+
+def _run(buf: mmap.mmap | bytes, start: int, end: int, head: bytes, size: int) -> int:
+    """How many records ``head`` + ``size`` bytes follow one another from ``start`` (>= 1).
+
+    An unpacked repeated float is one record per element (a 1-byte tag, then 4 bytes), and a
+    writer may also split a packed field into many short runs; a run of identical records is
+    found with numpy in chunks, so a 30 MB file of them costs no Python object per element.
+    """
+    stride = len(head) + size
+    n = 0
+    chunk = 64
+    while True:
+        avail = (end - (start + n * stride)) // stride
+        if avail <= 0:
+            return max(n, 1)
+        take = min(chunk, avail)
+        recs = np.frombuffer(buf, np.uint8, count=take * stride,
+                             offset=start + n * stride).reshape(take, stride)[:, :len(head)]
+        miss = np.flatnonzero((recs != np.frombuffer(head, np.uint8)).any(axis=1))
+        if miss.size:
+            return max(n + int(miss[0]), 1)
+        n += take
+        chunk = min(chunk * 4, 1 << 22)
+
+
+_UNPACKED_FLOAT = _B_DATA << 3 | _I32  # one-byte tags
+_UNPACKED_DOUBLE = _B_DOUBLE << 3 | _I64
 
 
 def _read_blob(buf: mmap.mmap, pos: int, end: int) -> BlobRecord:
-    floats: list[tuple[int, int]] = []
-    doubles: list[tuple[int, int]] = []
+    floats: list[tuple[int, int, int, int]] = []  # (offset, records, stride, per record)
+    doubles: list[tuple[int, int, int, int]] = []
     shape: list[int] | None = None
     legacy = [0, 0, 0, 0]
     has_legacy = False
-    for number, wire, start, vstart, vend in _fields(buf, pos, end):
-        if number == _B_DATA:
-            if wire == _LEN:
-                if (vend - vstart) % 4:
-                    raise _WireError("packed float data length is not a multiple of 4", start)
-                if vend > vstart:
-                    floats.append((vstart, (vend - vstart) // 4))
-            elif wire == _I32:  # unpacked: one element per record
-                floats.append((vstart, 1))
-            else:
-                raise _WireError(f"BlobProto.data has wire type {wire}", start)
-        elif number == _B_DOUBLE:
-            if wire == _LEN:
-                if (vend - vstart) % 8:
-                    raise _WireError("packed double data length is not a multiple of 8", start)
-                if vend > vstart:
-                    doubles.append((vstart, (vend - vstart) // 8))
-            elif wire == _I64:
-                doubles.append((vstart, 1))
-            else:
-                raise _WireError(f"BlobProto.double_data has wire type {wire}", start)
-        elif number == _B_SHAPE and wire == _LEN:
-            # A repeated occurrence of an embedded message merges; for BlobShape that appends dims.
-            shape = (shape or []) + _read_dims(buf, vstart, vend)
-        elif _B_NUM <= number <= _B_WIDTH and wire == _VARINT:
-            legacy[number - 1] = _int64(_varint_at(buf, vstart, vend))
-            has_legacy = True
-        # diff, double_diff and unknown fields: skipped without reading them.
+    cursor = pos
+    restart = True
+    while restart:  # restarted after a run of unpacked elements was taken in one step
+        restart = False
+        for number, wire, start, vstart, vend in _fields(buf, cursor, end):
+            if number == _B_DATA:
+                if wire == _LEN:
+                    if (vend - vstart) % 4:
+                        raise _WireError("packed float data length is not a multiple of 4",
+                                         start)
+                    length = vend - vstart
+                    if 0 < length < 128 and vstart - start == 2:  # short runs: take them all
+                        n = _run(buf, start, end, bytes(buf[start:vstart]), length)
+                        if n > 1:
+                            floats.append((vstart, n, 2 + length, length // 4))
+                            cursor, restart = start + (2 + length) * n, True
+                            break
+                    if length:
+                        floats.append((vstart, length // 4, 4, 1))
+                elif wire == _I32:  # unpacked: one element per record
+                    n = _run(buf, start, end, bytes([_UNPACKED_FLOAT]), 4)
+                    floats.append((vstart, n, 5, 1))
+                    cursor, restart = start + 5 * n, True
+                    break
+                else:
+                    raise _WireError(f"BlobProto.data has wire type {wire}", start)
+            elif number == _B_DOUBLE:
+                if wire == _LEN:
+                    if (vend - vstart) % 8:
+                        raise _WireError("packed double data length is not a multiple of 8",
+                                         start)
+                    length = vend - vstart
+                    if 0 < length < 128 and vstart - start == 2:  # short runs: take them all
+                        n = _run(buf, start, end, bytes(buf[start:vstart]), length)
+                        if n > 1:
+                            doubles.append((vstart, n, 2 + length, length // 8))
+                            cursor, restart = start + (2 + length) * n, True
+                            break
+                    if length:
+                        doubles.append((vstart, length // 8, 8, 1))
+                elif wire == _I64:
+                    n = _run(buf, start, end, bytes([_UNPACKED_DOUBLE]), 8)
+                    doubles.append((vstart, n, 9, 1))
+                    cursor, restart = start + 9 * n, True
+                    break
+                else:
+                    raise _WireError(f"BlobProto.double_data has wire type {wire}", start)
+            elif number == _B_SHAPE and wire == _LEN:
+                # A repeated embedded message merges; for BlobShape that appends dims.
+                shape = (shape or []) + _read_dims(buf, vstart, vend)
+            elif _B_NUM <= number <= _B_WIDTH and wire == _VARINT:
+                legacy[number - 1] = _int64(_varint_at(buf, vstart, vend))
+                has_legacy = True
+            # diff, double_diff and unknown fields: skipped without reading them.
 
     # Caffe's Blob::FromProto reads double_data when there is any, else data.
     array = _view(buf, doubles, "<f8") if doubles else _view(buf, floats, "<f4")

@@ -13,6 +13,7 @@ The only module (with :mod:`surgery.upgrade`) that touches ``caffe_pb2``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -145,6 +146,10 @@ def _blob_from_proto(b: Any) -> np.ndarray:
         shape = (b.num, b.channels, b.height, b.width)
     else:
         shape = (len(b.data) or len(b.double_data),)
+    n = len(b.double_data) or len(b.data)
+    if any(d < 0 for d in shape) or math.prod(shape) != n:
+        raise ParseError(f"a blob holds {n} values but its shape {shape} needs "
+                         f"{math.prod(shape) if all(d >= 0 for d in shape) else 'a size >= 0'}")
     data = (
         np.asarray(b.double_data, np.float64)
         if len(b.double_data)
@@ -795,10 +800,7 @@ def read_blob_proto(path: PathLike) -> np.ndarray:
     Raises:
         ParseError: the file cannot be read or is not a BlobProto.
     """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ParseError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    raw = read_regular(path, "mean file")
     blob = caffe_pb2.BlobProto()
     try:
         blob.ParseFromString(raw)
@@ -807,7 +809,10 @@ def read_blob_proto(path: PathLike) -> np.ndarray:
     n = len(blob.data) or len(blob.double_data)
     if not n:
         raise ParseError(f"{path}: the BlobProto holds no data (is this a mean file?)")
-    array = np.array(_blob_from_proto(blob), np.float32)
+    try:
+        array = np.array(_blob_from_proto(blob), np.float32)
+    except ParseError as exc:
+        raise ParseError(f"{path}: {exc}") from None
     return array
 
 

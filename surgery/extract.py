@@ -15,12 +15,12 @@ folder of images, read and preprocessed as the net's own data layer does (Caffe'
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ._inputs import load_numpy
 from .errors import SurgeryError
 from .net import Net
 
@@ -50,16 +50,14 @@ def load_inputs(
         if len(names) != 1:
             raise SurgeryError(f"{p}: a .npy holds one array, but the net has inputs {names}; "
                                "save an .npz with one array per input name")
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise SurgeryError(f"{p}: cannot read as .npy: {exc}") from None
+        arr = load_numpy(p, "input")
+        if not isinstance(arr, np.ndarray):
+            raise SurgeryError(f"{p}: an .npz archive named .npy; rename it .npz")
         return {names[0]: np.asarray(arr, dtype=np.float32)}
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise SurgeryError(f"{p}: cannot read as .npz (or .npy): {exc}") from None
+    loaded = load_numpy(p, "input")
+    if isinstance(loaded, np.ndarray):
+        loaded = {names[0] if len(names) == 1 else "arr_0": loaded}
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in loaded.items()}
     if len(arrays) == 1 and len(names) == 1:
         return {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]

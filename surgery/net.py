@@ -248,6 +248,17 @@ class Net:
         """Every layer called ``name`` (TRAIN/TEST twins share names)."""
         return [lay for lay in self.layers if lay.name == name]
 
+    def by_name(self) -> dict[str, list[Layer]]:
+        """Every layer by name, in net order: ``layers_named`` for all names in one pass.
+
+        A snapshot (O(layers)): loops over many names use it instead of calling
+        :meth:`layers_named` per name, which would be quadratic.
+        """
+        table: dict[str, list[Layer]] = {}
+        for lay in self.layers:
+            table.setdefault(lay.name, []).append(lay)
+        return table
+
     def layer(self, name: str) -> Layer:
         """The first layer called ``name``.
 

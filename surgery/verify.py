@@ -554,16 +554,13 @@ def verify(
     tolerance = 1e-4 if tolerance is None else float(tolerance)
     if tolerance < 0 or math.isnan(tolerance):
         raise SurgeryError(f"tolerance must be >= 0, got {tolerance}")
-        if not net.has_weights:  # a net without learnable layers (ReLUs, pooling...)
-            weights = None
-        if proto is None or (weights is None and net.has_weights):
-            from . import _atomic
-            from .caffe_io import save
+    shapes = net_input_shapes(net, phase, input_shapes)
+    flow = resolve(net, NetState(phase))
+    # The weights against the definition's shapes, before any input is drawn (a huge or
+    # mismatched shape fails here, naming the layer, not in an allocation).
+    from .shapes import infer
 
-            proto = str(Path(tmp) / "net.prototxt")
-            weights = str(Path(tmp) / "w.caffemodel") if net.has_weights else None
-            with _atomic.standalone():  # scratch files read back at once, not outputs
-                save(net, proto, weights)
+    infer(flow, {k: v for k, v in shapes.items() if v is not None})
     if inputs is None:
         feed = random_inputs(shapes, seed)
     else:

@@ -127,3 +127,83 @@ def test_fifo_refused_up_front(tmp_path):
 def test_device_refused_up_front():
     with pytest.raises(ParseError, match="device"):
         caffe_io.read_weights("/dev/zero")
+
+
+# -- item 6: the weights reader stays within a small multiple of the file size ----------------
+_MEASURE = r"""
+import resource, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from surgery import _wire
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+before = rss()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+wf = _wire.read_caffemodel(sys.argv[1])
+a = wf.layers[0].blobs[0].data
+assert a.size == int(sys.argv[3]) and float(a[-1]) == float(a.size - 1), (a.size, a[-1])
+print(hwm() - before)
+"""
+
+
+def _encodings(n: int) -> dict[str, bytes]:
+    import numpy as np
+
+    def ld(field: int, payload: bytes) -> bytes:
+        return _tag(field, 2) + _vint(len(payload)) + payload
+
+    def records(tag: int, vals: np.ndarray, head: bytes = b"") -> bytes:
+        raw = vals.view(np.uint8).reshape(len(vals), -1)
+        hdr = np.frombuffer(bytes([tag]) + head, np.uint8)
+        return np.concatenate([np.broadcast_to(hdr, (len(vals), len(hdr))), raw], 1).tobytes()
+
+    f32, f64 = np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float64)
+    blobs = {
+        "packed float": ld(5, f32.tobytes()),
+        "unpacked float": records(0x2D, f32),
+        "unpacked double": records(0x41, f64),
+        "packed float, one per run": records(0x2A, f32, b"\x04"),
+    }
+    shape = ld(7, ld(1, _vint(n)))
+    return {k: ld(100, ld(1, b"fc") + ld(2, b"InnerProduct") + ld(7, shape + b))
+            for k, b in blobs.items()}
+
+
+def _vint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(field: int, wire: int) -> bytes:
+    return _vint(field << 3 | wire)
+
+
+def test_reader_memory_is_a_small_multiple_of_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    n = 3_000_000  # 12 MB of floats: 15 MB unpacked, 27 MB as unpacked doubles
+    for what, content in _encodings(n).items():
+        p = tmp_path / "w.caffemodel"
+        p.write_bytes(content)
+        out = subprocess.run([sys.executable, "-c", _MEASURE, str(p), str(ROOT), str(n)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        grew = int(out.stdout.split()[-1])
+        assert grew < 3 * len(content), f"{what}: {grew:,} bytes for a {len(content):,}-byte file"

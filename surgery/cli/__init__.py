@@ -336,21 +336,26 @@ _FILE_DESTS = ("recipe", "net", "weights", "input", "golden", "source", "output"
 
 
 def _with_file(args: argparse.Namespace, message: str) -> str:
+    # The known file options first, then any other string option naming an existing path
+    # (the positional input of verbs added later: solver, mean, TORCH_DIR...).
+    named = [d for d in _FILE_DESTS if isinstance(getattr(args, d, None), (str, list))]
+    named += [d for d, v in vars(args).items() if d not in named and isinstance(v, str)
+              and d not in ("verb", "target") and v and os.path.lexists(v)]
     files: list[str] = []
-    for dest in _FILE_DESTS:
+    for dest in named:
         value = getattr(args, dest, None)
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and v:
                 files.append(v)
     if not files or any(f in message for f in files):
         return message
-    inputs = [(dest, getattr(args, dest)) for dest in ("recipe", "net", "weights", "input",
-                                                        "golden")
-              if isinstance(getattr(args, dest, None), str)]
+    outputs = ("output", "out_weights", "report")
+    inputs = [(d, getattr(args, d)) for d in named
+              if d not in outputs and isinstance(getattr(args, d, None), str)]
     if not inputs:
         return f"{files[0]}: {message}"
     (_, first), rest = inputs[0], inputs[1:]
-    extra = ", ".join(f"{dest} {value}" for dest, value in rest)
+    extra = ", ".join(f"{dest.replace('_', '-')} {value}" for dest, value in rest)
     return f"{first}" + (f" ({extra})" if extra else "") + f": {message}"
 
 

@@ -7,8 +7,15 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from . import CliError, add_input_shape_option, emit, ensure_distinct, ensure_output, input_shapes
-from . import escape
+from . import (
+    CliError,
+    add_input_shape_option,
+    emit,
+    ensure_distinct,
+    ensure_output,
+    escape,
+    input_shapes,
+)
 
 __all__ = ["register", "info_report", "info_text"]
 

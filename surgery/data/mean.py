@@ -61,10 +61,13 @@ def read_npy(path: PathLike) -> np.ndarray:
     Raises:
         DataError: unreadable or not a numeric array.
     """
+    from .._inputs import load_numpy
+    from ..errors import ParseError
+
     try:
-        a = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read as .npy: {exc}") from None
+        a = load_numpy(path, "mean")
+    except ParseError as exc:
+        raise DataError(str(exc)) from None
     if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
         raise DataError(f"{path}: expected a numeric array, found {type(a).__name__}")
     return a

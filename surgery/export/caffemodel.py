@@ -250,9 +250,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         SurgeryError: the file cannot be read, or holds no state dict.
     """
+    from .._inputs import check_regular
+
     p = Path(path)
-    if not p.is_file():
-        raise SurgeryError(f"{p}: no such file")
+    check_regular(p, "state dict")  # a FIFO or device would block the readers below
     if p.suffix == ".safetensors":
         try:
             from safetensors.numpy import load_file
@@ -269,7 +270,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SurgeryError(f"{p}: reading a torch file needs torch (or save the state dict "
                            "as .safetensors)") from None
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        import warnings
+
+        with warnings.catch_warnings():  # a hostile pickle is refused; one line says so
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SurgeryError(f"{p}: cannot read with torch.load(weights_only=True): "
                            f"{str(exc).splitlines()[0] if str(exc) else exc}") from None

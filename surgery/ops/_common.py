@@ -268,8 +268,9 @@ def fill_new_weights(
     out: dict[str, list[tuple[int, ...]]] = {}
     from ..fillers import fill_layer
 
+    named = net.by_name()
     for name in names:
-        twins = net.layers_named(name)
+        twins = named.get(name, [])
         if not twins:
             net.layer(name)  # raises with did-you-mean
         shapes = param_shapes(net, twins[0], _cache=cache)
@@ -293,12 +294,13 @@ def fill_missing_weights(net: Net, rng: np.random.Generator) -> list[str]:
     Raises:
         NetError: shapes cannot be inferred for one of them.
     """
+    named = net.by_name()
     names = list(
         dict.fromkeys(
             lay.name
             for lay in net.layers
             if learnable_count(lay) > 0
-            and not any(t.has_weights for t in net.layers_named(lay.name))
+            and not any(t.has_weights for t in named[lay.name])
         )
     )
     if names:

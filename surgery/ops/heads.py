@@ -306,14 +306,15 @@ def rename_heads(
                 + ", ".join("x".join(map(str, s)) for s in shapes[new_names[old]]),
                 blob_shapes=[list(s) for s in shapes[new_names[old]]],
             )
+        named = out.by_name()
         kept = sum(1 for lay in out.layers if lay.has_weights) - sum(
-            len(out.layers_named(new_names[h])) for h in heads
+            len(named.get(new_names[h], [])) for h in heads
         )
         report.leave(None, f"{kept} other layer(s) keep their weights unchanged")
         for name in dict.fromkeys(  # issue 7 item 3: never hide layers without weights
             lay.name for lay in out.layers
             if C.learnable_count(lay) > 0
-            and not any(t.has_weights for t in out.layers_named(lay.name))
+            and not any(t.has_weights for t in named[lay.name])
         ):
             report.leave(name, "no weights in the input caffemodel: Caffe draws it from its "
                          "fillers (surgery.ops.init_weights, --fill-missing, writes values)")
@@ -379,8 +380,9 @@ def _fill_heads(
     from ..fillers import fill_layer
 
     out: dict[str, list[tuple[int, ...]]] = {}
+    named = net.by_name()
     for name in names:
-        twins = net.layers_named(name)
+        twins = named[name]
         lay = twins[0]
         old = old_shapes.get(name) or []
         if not old or old[0] is None:

@@ -32,9 +32,10 @@ ZERO_WEIGHT_FILLERS: dict[str, dict[str, Any]] = {
 
 def missing_weights(net: Net) -> list[str]:
     """Learnable layers of ``net`` (names, net order) with no weights loaded."""
+    named = net.by_name()
     return list(dict.fromkeys(
         lay.name for lay in net.layers
-        if C.learnable_count(lay) > 0 and not any(t.has_weights for t in net.layers_named(lay.name))
+        if C.learnable_count(lay) > 0 and not any(t.has_weights for t in named[lay.name])
     ))
 
 
@@ -114,8 +115,9 @@ def init_weights(
     cache = C._infos(out, input_shapes)
     shared: dict[str, np.ndarray] = {}
     filled: list[str] = []
+    named = out.by_name()
     for name in names:
-        twins = out.layers_named(name)
+        twins = named.get(name, [])
         try:
             shapes = C.param_shapes(out, twins[0], _cache=cache)
         except NetError as exc:

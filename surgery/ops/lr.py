@@ -124,8 +124,9 @@ def _apply(
     ``names``, False removes it (Caffe's default), None leaves them (reported)."""
     shared: dict[str, tuple[float | None, float | None]] = {}
     touched = 0
+    named = net.by_name()
     for name in names:
-        twins = net.layers_named(name)
+        twins = named.get(name, [])
         n = C.learnable_count(twins[0])
         if n == 0:
             continue

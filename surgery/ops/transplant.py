@@ -210,8 +210,9 @@ def transplant(
               "unused": sum(b.data.nbytes for r in unused for b in r.blobs)}
     mismatches: list[str] = []
     zero_fillers: list[str] = []
+    named = out.by_name()
     for name in tgt_names:
-        twins = out.layers_named(name)
+        twins = named.get(name, [])
         rec = by_target.get(name)
         want = next((expected[id(t)] for t in twins if expected.get(id(t)) is not None), None)
         if rec is not None:

@@ -21,6 +21,7 @@ Caffe's rules reproduced (``solver.cpp`` ``InitTrainNet``/``InitTestNets``,
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,11 +165,11 @@ def load_solver(path: str | os.PathLike[str]) -> SolverConfig:
             net, and the other configurations Caffe refuses.
         ParseError: the solver or a net file does not parse.
     """
+    from .._inputs import check_regular
     from ..caffe_io import load, net_from_dict, read_solver, solver_defaults
 
     spath = Path(path)
-    if not spath.is_file():
-        raise SolverError(f"{spath}: no such solver file")
+    check_regular(spath, "solver")  # a FIFO or device would block the reader
     fields, unknown = read_solver(spath)
     return config_from_fields(fields, spath, unknown=unknown, load=load,
                               net_from_dict=net_from_dict, defaults=solver_defaults())
@@ -214,6 +215,9 @@ def config_from_fields(fields: dict[str, Any], spath: Path, *, unknown: list[str
         errors.append("lr_policy 'multistep' needs stepvalue entries")
     elif policy == "poly" and f.get("max_iter", 0) <= 0:
         errors.append("lr_policy 'poly' needs max_iter > 0")
+    for name, value in f.items():  # nan / inf learning rates, decays, momenta...
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{name} is {value}; it must be a finite number")
     if f.get("regularization_type", "L2") not in ("L1", "L2"):
         errors.append(f"regularization_type {f['regularization_type']!r} is unknown (L1 or L2)")
     if int(f.get("average_loss", 1)) < 1:
