@@ -267,6 +267,30 @@ def read_net_param(path: PathLike) -> Any:
     return _parse_text_file(path, caffe_pb2.NetParameter())
 
 
+#: protobuf's own limit on nested messages (``TextFormat::Parser``'s recursion limit):
+#: Caffe stops at the same depth.
+MAX_NESTING = 100
+
+
+def _check_nesting(p: Path, raw: bytes) -> None:
+    """Refuse text nested deeper than :data:`MAX_NESTING` braces before parsing it.
+
+    One numpy pass over the brace positions (braces inside strings and comments are counted
+    too; a real net nests 3-4 deep, so that only matters for hostile files).
+    """
+    arr = np.frombuffer(raw, np.uint8)
+    idx = np.flatnonzero((arr == 0x7B) | (arr == 0x7D))  # { }
+    if idx.size <= MAX_NESTING:
+        return
+    depth = np.cumsum(np.where(arr[idx] == 0x7B, 1, -1).astype(np.int32))
+    deep = np.flatnonzero(depth > MAX_NESTING)
+    if deep.size:
+        at = int(idx[deep[0]])
+        line = raw.count(b"\n", 0, at) + 1
+        raise ParseError(f"{p}:{line}: messages nested deeper than {MAX_NESTING} levels "
+                         "(protobuf's and Caffe's limit); is this a network definition?")
+
+
 def _parse_text_file(
     path: PathLike,
     msg: Any,
@@ -286,6 +310,7 @@ def _parse_text_file(
             f"{p}: this looks like a binary file (a .caffemodel?), not a text .prototxt; "
             "pass weights with --weights"
         )
+    _check_nesting(p, raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
