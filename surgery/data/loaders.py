@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -159,7 +160,14 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _worker_init(worker_id: int) -> None:
-    try:  # OpenCV's own thread pool inside a forked worker only competes with the others
+    # OpenCV's own thread pool inside a worker only competes with the other workers: give it
+    # one thread, but only when this worker imports OpenCV itself. A pool inherited through
+    # fork (the parent had used cv2) must not be reconfigured: setNumThreads then destroys a
+    # condition variable that the parent's pool threads were waiting on, and glibc waits
+    # forever for those threads, which do not exist in the child (seen as a hung test).
+    if "cv2" in sys.modules:
+        return
+    try:
         import cv2
 
         cv2.setNumThreads(1)
