@@ -166,6 +166,13 @@ def clean_stale(folder: PathLike) -> list[str]:
 
 
 def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
