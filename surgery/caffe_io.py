@@ -559,6 +559,7 @@ def attach_weights(net: Net, wf: _wire.WeightFile) -> WeightReport:
         if rec.blobs or rec.name not in records:
             records[rec.name] = rec  # Caffe's CopyTrainedLayersFrom: a later namesake overwrites
     used: set[str] = set()
+    loaded: set[str] = set()
     for layer in net.layers:
         rec = records.get(layer.name)
         if rec is None or not rec.blobs:
@@ -570,7 +571,8 @@ def attach_weights(net: Net, wf: _wire.WeightFile) -> WeightReport:
             layer.params[i].data = (
                 _squeeze_legacy(layer.type, i, blob.data) if blob.legacy_4d else blob.data
             )
-        if layer.name not in report.loaded:
+        if layer.name not in loaded:  # a set: a list lookup here was quadratic
+            loaded.add(layer.name)
             report.loaded.append(layer.name)
     report.unused = [r.name for r in wf.layers if not r.is_split and r.name not in used and r.blobs]
     _fix_legacy_shapes(net)

@@ -172,9 +172,10 @@ def transplant(
     unused: list[_wire.LayerRecord] = []
     no_blobs = 0
     dupes: list[str] = []
+    targets = set(tgt_names)  # membership per record: a set, or this loop is quadratic
     for rec in records:
         dst = mapping.get(rec.name, rec.name)
-        if dst not in tgt_names:  # rule 3
+        if dst not in targets:  # rule 3
             if rec.blobs:
                 unused.append(rec)
             else:
