@@ -47,12 +47,31 @@ class Problem:
         return asdict(self)
 
 
+def default_states(net: Net) -> tuple[NetState, ...]:
+    """The states :func:`check` instantiates: TEST and TRAIN, a phase whose layers are gated by
+    ``stage`` include rules once per such stage set instead of with no stage.
+
+    Caffe's ``mnist_autoencoder.prototxt`` has its TEST data layers only under the stages
+    ``test-on-train`` / ``test-on-test`` (the solver's ``test_state`` picks one): with no stage
+    its TEST net has no data, yet the definition is valid.
+    """
+    out: list[NetState] = []
+    for phase in ("TEST", "TRAIN"):
+        staged: list[tuple[str, ...]] = []
+        for lay in net.layers:
+            for rule in lay.include:
+                if rule.stage and rule.phase in (None, phase) and tuple(rule.stage) not in staged:
+                    staged.append(tuple(rule.stage))
+        out += [NetState(phase, stages=st) for st in staged] or [NetState(phase)]
+    return tuple(out)
+
+
 def check(net: Net, states: tuple[NetState, ...] | None = None) -> list[Problem]:
     """Every problem Caffe would report for ``net`` (empty list when it is valid).
 
     Args:
         net: the net to lint.
-        states: the states to instantiate (default: TEST and TRAIN).
+        states: the states to instantiate (default: :func:`default_states`).
     """
     from .shapes import infer  # local: keeps `import surgery.check` light
 
@@ -84,7 +103,7 @@ def check(net: Net, states: tuple[NetState, ...] | None = None) -> list[Problem]
     if both_rules:  # resolve() would stop at the first such layer; case 1 named them all
         return problems
     seen_param_errors: set[tuple[str, int]] = set()
-    for state in states or (NetState("TEST"), NetState("TRAIN")):
+    for state in states or default_states(net):
         try:
             flow = resolve(net, state)
         except NetError as exc:  # case 2

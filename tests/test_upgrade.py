@@ -541,3 +541,43 @@ def test_batchnorm_three_params_forced_to_zero() -> None:
     assert len(notes) == 1 and notes[0].startswith("BatchNorm 'bn1': param lr_mult")
     assert not needs_upgrade(net)
     assert upgrade_net(net, "x.prototxt") == []
+
+
+# A V1 net whose TEST data exist only under a stage, as Caffe's mnist_autoencoder.prototxt
+# (test-on-train / test-on-test, picked by the solver's test_state): valid for Caffe.
+_STAGED_V1 = """name: "staged"
+layers { name: "data" type: DATA top: "data" include { phase: TRAIN }
+  data_param { source: "train_lmdb" batch_size: 2 backend: LMDB } }
+layers { name: "data" type: DATA top: "data" include { phase: TEST stage: "test-on-train" }
+  data_param { source: "train_lmdb" batch_size: 2 backend: LMDB } }
+layers { name: "data" type: DATA top: "data" include { phase: TEST stage: "test-on-test" }
+  data_param { source: "test_lmdb" batch_size: 2 backend: LMDB } }
+layers { name: "flat" type: FLATTEN bottom: "%s" top: "flat" }
+"""
+
+
+def test_upgrade_of_a_stage_gated_test_net(tmp_path: Path, capsys) -> None:
+    """`surgery upgrade` refused mnist_autoencoder ("unknown bottom blob 'data' in the TEST
+    net") once it checked its output: check now instantiates a phase gated by stage rules once
+    per stage set, as the solver does; a net broken in those states is still refused."""
+    from surgery.check import check, default_states
+    from surgery.cli import main
+    from surgery.net import NetState
+
+    src = tmp_path / "staged.prototxt"
+    src.write_text(_STAGED_V1 % "data")
+    out = tmp_path / "v2.prototxt"
+    assert main(["upgrade", str(src), "-o", str(out)]) == 0
+    import surgery
+
+    net = surgery.load(out)
+    assert default_states(net) == (
+        NetState("TEST", stages=("test-on-train",)),
+        NetState("TEST", stages=("test-on-test",)),
+        NetState("TRAIN"),
+    )
+    assert [p for p in check(net) if p.severity == "error"] == []
+    src.write_text(_STAGED_V1 % "nowhere")
+    bad = tmp_path / "bad.prototxt"
+    assert main(["upgrade", str(src), "-o", str(bad)]) == 2
+    assert "unknown bottom blob 'nowhere'" in capsys.readouterr().err and not bad.exists()
