@@ -291,6 +291,25 @@ def _check_nesting(p: Path, raw: bytes) -> None:
                          "(protobuf's and Caffe's limit); is this a network definition?")
 
 
+#: Caffe's ``kMaxBlobAxes``: a shape with more dims is refused (blob.hpp).
+_MAX_AXES = 32
+_TOO_MANY_DIMS = re.compile(rb"(?:\bdim\s*:\s*-?\d+\s*){%d}" % (_MAX_AXES + 1))
+# Legacy input_dim: 4 per input; 4096 in a row would be over 1,000 inputs.
+_TOO_MANY_INPUT_DIMS = re.compile(rb"(?:\binput_dim\s*:\s*-?\d+\s*){4097}")
+
+
+def _check_dims(p: Path, raw: bytes) -> None:
+    """Refuse a shape with more dims than Caffe allows before the (slow) text parser sees
+    it: a 50 MB file of ``dim: 1`` would otherwise take minutes to parse, only to be refused."""
+    for pattern, what in ((_TOO_MANY_DIMS, f"more than {_MAX_AXES} dims in one shape "
+                           "(Caffe's limit, kMaxBlobAxes)"),
+                          (_TOO_MANY_INPUT_DIMS, "more than 4096 input_dim values in a row")):
+        m = pattern.search(raw)
+        if m:
+            line = raw.count(b"\n", 0, m.start()) + 1
+            raise ParseError(f"{p}:{line}: {what}; is this the right file?")
+
+
 def _parse_text_file(
     path: PathLike,
     msg: Any,
@@ -311,6 +330,7 @@ def _parse_text_file(
             "pass weights with --weights"
         )
     _check_nesting(p, raw)
+    _check_dims(p, raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
