@@ -577,6 +577,9 @@ def test_upgrade_of_a_stage_gated_test_net(tmp_path: Path, capsys) -> None:
         NetState("TRAIN"),
     )
     assert [p for p in check(net) if p.severity == "error"] == []
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0  # info resolves TEST with the first stage set
+    assert "TEST net with stage(s) test-on-train" in capsys.readouterr().out
     src.write_text(_STAGED_V1 % "nowhere")
     bad = tmp_path / "bad.prototxt"
     assert main(["upgrade", str(src), "-o", str(bad)]) == 2

@@ -39,14 +39,21 @@ def info_report(
     """
     import numpy as np
 
-    from ..check import check
+    from ..check import check, default_states
     from ..dataflow import implicit_splits, resolve
     from ..net import NetState
     from ..shapes import infer, starting_shapes
 
-    flow = resolve(net, NetState(phase))
+    # a phase whose layers are gated by stage rules (mnist_autoencoder's TEST data layers):
+    # the first stage set, as a solver's test_state would give it
+    state = next((st for st in default_states(net) if st.phase == phase.upper()),
+                 NetState(phase))
+    flow = resolve(net, state)
     start, guesses = starting_shapes(flow, input_shapes)
     assumptions = list(guesses.values())
+    if state.stages:
+        assumptions.insert(0, f"{state.phase} net with stage(s) {', '.join(state.stages)} "
+                              "(layers are gated by stage rules)")
     info = infer(flow, start, check_weights=False)
     splits: dict[int, list[Any]] = {}
     for sp in implicit_splits(flow):
