@@ -1255,8 +1255,8 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
         elapsed = time.perf_counter() - t0
         left = total - len(results)
         eta = None
-        if fresh:
-            eta = elapsed / len(fresh) * left
+        if fresh:  # the conversions' pace so far (not the hashing of reused nets)
+            eta = (time.perf_counter() - t_convert) / len(fresh) * left
         progress(Progress(event, name, len(results), total, running, elapsed, eta, r))
 
     for name, r in reused.items():
@@ -1264,6 +1264,7 @@ def run_batch(paths: Sequence[Path], out_dir: str | os.PathLike[str],
         report("done", name, [], r)
     if todo:
         _save_state(out, rows, hashes)
+    t_convert = time.perf_counter()
     ctx = mp.get_context("spawn")
     n_workers = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // n_workers)
