@@ -86,6 +86,8 @@ def test_verify_without_learnable_layers(tmp_path, capsys):
 
 
 def test_verify_in_place_relus_on_the_input(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torch")
     # Caffe exposes 'data' after the last in-place layer; every backend is compared on it.
     p = _write(tmp_path, 'layer { name: "r1" type: "ReLU" bottom: "data" top: "data" }\n'
                          'layer { name: "r2" type: "ReLU" bottom: "data" top: "data" '
