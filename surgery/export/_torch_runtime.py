@@ -1,8 +1,9 @@
 """Runtime pieces of exported PyTorch models: Caffe semantics PyTorch lacks.
 
-This module imports only ``fnmatch``, ``math`` and ``torch``: its source is copied verbatim into
-every generated ``model.py`` so that file needs nothing but torch. Keep it self-contained (no
-imports from ``surgery``), and keep every top-level name prefixed ``caffe_`` or ``Caffe``.
+This module imports only ``fnmatch``, ``math``, ``struct`` and ``torch``: its source is copied
+verbatim into every generated ``model.py`` so that file needs nothing but torch. Keep it
+self-contained (no imports from ``surgery``), and keep every top-level name prefixed ``caffe_``
+or ``Caffe``.
 """
 
 # ruff: noqa: B008
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -119,27 +121,43 @@ class CaffeBatchNorm(nn.Module):
     """Caffe's BatchNorm: no affine part; running stats already divided by Caffe's factor.
 
     ``use_global_stats`` None follows ``self.training`` (Caffe: false in TRAIN, true in TEST);
-    True/False pins it as the layer said. Training updates the running statistics with
-    ``momentum = 1 - moving_average_fraction`` (and the unbiased variance, as Caffe).
+    True/False pins it as the layer said. Computing batch statistics updates the running ones as
+    Caffe does: Caffe keeps *sums* ``S = maf * S + batch`` and a factor ``F = maf * F + 1``
+    (float32, ``maf = moving_average_fraction``) and uses ``S / F``. With ``momentum = 1 / F``
+    (after the factor's update) PyTorch's ``(1 - m) * running + m * batch`` is exactly ``S / F``:
+    a net trained from scratch (factor 0) takes its first batch's statistics at once, as Caffe,
+    instead of creeping from (0, 1). ``factor`` is Caffe's blob 2 (``caffe_factor``, written
+    back by ``to_caffemodel``).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.001,
-                 use_global_stats: bool | None = None) -> None:
+                 use_global_stats: bool | None = None, factor: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
         self.momentum = momentum
         self.use_global_stats = use_global_stats
+        self.caffe_factor = float(factor)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ugs = (not self.training) if self.use_global_stats is None else self.use_global_stats
+        momentum = self.momentum
+        if not ugs:
+            maf = caffe_float32(1.0 - self.momentum)
+            self.caffe_factor = caffe_float32(caffe_float32(self.caffe_factor * maf) + 1.0)
+            momentum = 1.0 / self.caffe_factor
         return F.batch_norm(x, self.running_mean, self.running_var, None, None,
-                            training=not ugs, momentum=self.momentum, eps=self.eps)
+                            training=not ugs, momentum=momentum, eps=self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.running_mean.numel()}, eps={self.eps}, momentum={self.momentum}, "
-                f"use_global_stats={self.use_global_stats}")
+                f"use_global_stats={self.use_global_stats}, factor={self.caffe_factor}")
+
+
+def caffe_float32(x: float) -> float:
+    """``x`` rounded to float32, as Caffe's ``Dtype`` arithmetic keeps it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 class CaffeBN(nn.Module):

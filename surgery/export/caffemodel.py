@@ -14,9 +14,11 @@ Rules:
    own shape; the forks' ``BN`` blobs are ``1 x C x 1 x 1``) and stored as float32.
 2. BatchNorm: the module holds the statistics already divided by Caffe's factor (blob 2).
    They are written back in Caffe's scaled form, ``[mean * f, var * f, f]``, with ``f`` the
-   factor the net had (its loaded blob 2, else the factor recorded at export), 1 when that was
-   0 or unknown, or ``bn_factor`` when given. Keeping the factor keeps Caffe's moving average
-   where it was if training continues in Caffe; ``bn_factor=1`` writes the statistics exactly.
+   module's own factor when ``model`` is a module that tracked it (``caffe_factor``: Caffe's
+   blob 2 as training in torch advanced it), else the factor the net had (its loaded blob 2,
+   else the factor recorded at export), 1 when that was 0 or unknown, or ``bn_factor`` when
+   given. Keeping the factor keeps Caffe's moving average where it was if training continues
+   in Caffe; ``bn_factor=1`` writes the statistics exactly.
 3. Layers of the net that the module does not hold (another phase's layers, layers cut off
    by the export) keep the net's own weights and are reported; without weights they are left
    out of the file (Caffe then initialises them from their fillers).
@@ -93,10 +95,32 @@ def _names_of(model: Any, caffe_names: Mapping[str, Any] | None) -> Mapping[str,
     )
 
 
-def _bn_factor(net: Net, layer: str, entry: Mapping[str, Any], bn_factor: float | None
-               ) -> float:
+def _tracked_factors(model: Any) -> dict[str, float]:
+    """Module path (wrapper prefixes removed) -> ``caffe_factor`` of each BatchNorm module."""
+    if not hasattr(model, "named_modules"):
+        return {}
+    out: dict[str, float] = {}
+    for name, mod in model.named_modules():
+        factor = getattr(mod, "caffe_factor", None)
+        if factor is None:
+            continue
+        k = name + "."
+        changed = True
+        while changed:
+            changed = False
+            for pre in _PREFIXES:
+                if k.startswith(pre):
+                    k, changed = k[len(pre):], True
+        out[k[:-1]] = float(factor)
+    return out
+
+
+def _bn_factor(net: Net, layer: str, entry: Mapping[str, Any], bn_factor: float | None,
+               tracked: float | None = None) -> float:
     if bn_factor is not None:
         return float(bn_factor)
+    if tracked is not None and tracked > 0:
+        return tracked
     for lay in net.layers_named(layer):
         if len(lay.params) > 2 and lay.params[2].data is not None:
             f = float(np.asarray(lay.params[2].data).reshape(-1)[0])
@@ -133,6 +157,7 @@ def weights_from_torch(
     """
     names = _names_of(model, caffe_names)
     state = _state_of(model)
+    tracked = _tracked_factors(model)
     out = net.copy()
     report = Report("import_torch")
     # (layer, blob) -> (keys naming it, entry)
@@ -161,7 +186,7 @@ def weights_from_torch(
         arr = _to_numpy(state[key])
         lay = twins[0]
         if lay.type == "BatchNorm" and index in (0, 1):
-            f = _bn_factor(net, layer, entry, bn_factor)
+            f = _bn_factor(net, layer, entry, bn_factor, tracked.get(key.rpartition(".")[0]))
             arr = (arr.reshape(-1) * np.float32(f)).astype(np.float32)
             blobs.setdefault(layer, {})[2] = np.array([f], np.float32)
         old = lay.params[index].data if index < len(lay.params) else None

@@ -424,7 +424,7 @@ def _batch_norm(ctx: LoweringContext, node: Node, xs: list[fx.Node]) -> list[fx.
     else:
         mean, var = f.mean, f.var
     assert var is not None
-    mod = rt.CaffeBatchNorm(len(mean), f.eps, f.momentum, f.use_global_stats)
+    mod = rt.CaffeBatchNorm(len(mean), f.eps, f.momentum, f.use_global_stats, f.factor)
     name = ctx.add_module(node, mod)
     how = "divided by blob 2"
     ctx.set_buffer(node, name, "running_mean", 0, torch.from_numpy(mean.copy()), how)
@@ -1044,7 +1044,8 @@ def _module_ctor(mod: nn.Module) -> str:
     if isinstance(mod, rt.CaffeBatchNorm):
         return (f"CaffeBatchNorm({mod.running_mean.numel()}, eps={_lit(float(mod.eps))}, "
                 f"momentum={_lit(float(mod.momentum))}, "
-                f"use_global_stats={_lit(mod.use_global_stats)})")
+                f"use_global_stats={_lit(mod.use_global_stats)}, "
+                f"factor={_lit(float(mod.caffe_factor))})")
     if isinstance(mod, rt.CaffeBN):
         return (f"CaffeBN({mod.weight.numel()}, {_lit(mod.mode)}, eps={_lit(float(mod.eps))}, "
                 f"momentum={_lit(float(mod.momentum))}, frozen={_lit(mod.frozen)})")
