@@ -1457,10 +1457,11 @@ def case_train(r: Runner, d: Path, solver_type: str) -> str:
                 "npz": str(d / "iter2.npz"),
                 "then": str(d / "iter4.npz"),
                 "tol": 1e-4,
-                # BatchNorm's moving statistics: ours are an EMA (momentum 0.001) from (0, 1),
-                # Caffe's the factor-normalised sums -- see notes/K.md; batch statistics are
-                # used in TRAIN, so no other blob depends on them
-                "then_exclude": ["bn"],
+                # BatchNorm's moving statistics follow Caffe's factor-normalised sums: compared
+                # for SGD (worst 9.6e-6). After Adam steps the variance sum differs by ~2e-2
+                # while every learnable blob agrees within 1e-4 (not explained yet); batch
+                # statistics are used in TRAIN, so no other blob depends on them
+                "then_exclude": ["bn"] if solver_type == "Adam" else [],
             },
         ],
         d.name,
