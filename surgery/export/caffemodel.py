@@ -62,17 +62,19 @@ def _state_of(model: Any) -> dict[str, np.ndarray]:
         state = model.state_dict()
     else:
         state = model
-    out: dict[str, np.ndarray] = {}
-    for key, value in state.items():
-        k = str(key)
-        changed = True
-        while changed:
-            changed = False
-            for pre in _PREFIXES:
-                if k.startswith(pre):
-                    k, changed = k[len(pre):], True
-        out[k] = value  # converted lazily: only the tensors an entry names
-    return out
+    # converted lazily: only the tensors an entry names
+    return {_unwrapped(str(key)): value for key, value in state.items()}
+
+
+def _unwrapped(key: str) -> str:
+    """``key`` without the prefixes torch.compile (``_orig_mod.``) and DDP (``module.``) add."""
+    changed = True
+    while changed:
+        changed = False
+        for pre in _PREFIXES:
+            if key.startswith(pre):
+                key, changed = key[len(pre):], True
+    return key
 
 
 def _names_of(model: Any, caffe_names: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -104,14 +106,7 @@ def _tracked_factors(model: Any) -> dict[str, float]:
         factor = getattr(mod, "caffe_factor", None)
         if factor is None:
             continue
-        k = name + "."
-        changed = True
-        while changed:
-            changed = False
-            for pre in _PREFIXES:
-                if k.startswith(pre):
-                    k, changed = k[len(pre):], True
-        out[k[:-1]] = float(factor)
+        out[_unwrapped(name + ".")[:-1]] = float(factor)
     return out
 
 
