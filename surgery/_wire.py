@@ -358,6 +358,40 @@ _UNPACKED_FLOAT = _B_DATA << 3 | _I32  # one-byte tags
 _UNPACKED_DOUBLE = _B_DOUBLE << 3 | _I64
 
 
+# BlobProto's element fields: number -> (name, element size, unpacked wire type, one-byte tag)
+_ELEMENTS = {
+    _B_DATA: ("data", 4, _I32, _UNPACKED_FLOAT),
+    _B_DOUBLE: ("double_data", 8, _I64, _UNPACKED_DOUBLE),
+}
+
+
+def _take_elements(buf: mmap.mmap, number: int, wire: int, start: int, vstart: int, vend: int,
+                   end: int, runs: list[tuple[int, int, int, int]]) -> int | None:
+    """Record one ``data``/``double_data`` field in ``runs`` as ``(offset, records, stride,
+    per record)``. A run of records of the same form (unpacked elements, or short packed
+    arrays) is taken in one step: returns the position after it, to restart the field scan
+    there; None when only this field was taken."""
+    name, size, unpacked, tag = _ELEMENTS[number]
+    if wire == _LEN:
+        length = vend - vstart
+        if length % size:
+            kind = "float" if size == 4 else "double"
+            raise _WireError(f"packed {kind} data length is not a multiple of {size}", start)
+        if 0 < length < 128 and vstart - start == 2:  # short runs: take them all
+            n = _run(buf, start, end, bytes(buf[start:vstart]), length)
+            if n > 1:
+                runs.append((vstart, n, 2 + length, length // size))
+                return start + (2 + length) * n
+        if length:
+            runs.append((vstart, length // size, size, 1))
+        return None
+    if wire == unpacked:  # one element per record
+        n = _run(buf, start, end, bytes([tag]), size)
+        runs.append((vstart, n, size + 1, 1))
+        return start + (size + 1) * n
+    raise _WireError(f"BlobProto.{name} has wire type {wire}", start)
+
+
 def _read_blob(buf: mmap.mmap, pos: int, end: int) -> BlobRecord:
     floats: list[tuple[int, int, int, int]] = []  # (offset, records, stride, per record)
     doubles: list[tuple[int, int, int, int]] = []
@@ -369,48 +403,12 @@ def _read_blob(buf: mmap.mmap, pos: int, end: int) -> BlobRecord:
     while restart:  # restarted after a run of unpacked elements was taken in one step
         restart = False
         for number, wire, start, vstart, vend in _fields(buf, cursor, end):
-            if number == _B_DATA:
-                if wire == _LEN:
-                    if (vend - vstart) % 4:
-                        raise _WireError("packed float data length is not a multiple of 4",
-                                         start)
-                    length = vend - vstart
-                    if 0 < length < 128 and vstart - start == 2:  # short runs: take them all
-                        n = _run(buf, start, end, bytes(buf[start:vstart]), length)
-                        if n > 1:
-                            floats.append((vstart, n, 2 + length, length // 4))
-                            cursor, restart = start + (2 + length) * n, True
-                            break
-                    if length:
-                        floats.append((vstart, length // 4, 4, 1))
-                elif wire == _I32:  # unpacked: one element per record
-                    n = _run(buf, start, end, bytes([_UNPACKED_FLOAT]), 4)
-                    floats.append((vstart, n, 5, 1))
-                    cursor, restart = start + 5 * n, True
+            if number in _ELEMENTS:
+                runs = floats if number == _B_DATA else doubles
+                nxt = _take_elements(buf, number, wire, start, vstart, vend, end, runs)
+                if nxt is not None:
+                    cursor, restart = nxt, True
                     break
-                else:
-                    raise _WireError(f"BlobProto.data has wire type {wire}", start)
-            elif number == _B_DOUBLE:
-                if wire == _LEN:
-                    if (vend - vstart) % 8:
-                        raise _WireError("packed double data length is not a multiple of 8",
-                                         start)
-                    length = vend - vstart
-                    if 0 < length < 128 and vstart - start == 2:  # short runs: take them all
-                        n = _run(buf, start, end, bytes(buf[start:vstart]), length)
-                        if n > 1:
-                            doubles.append((vstart, n, 2 + length, length // 8))
-                            cursor, restart = start + (2 + length) * n, True
-                            break
-                    if length:
-                        doubles.append((vstart, length // 8, 8, 1))
-                elif wire == _I64:
-                    n = _run(buf, start, end, bytes([_UNPACKED_DOUBLE]), 8)
-                    doubles.append((vstart, n, 9, 1))
-                    cursor, restart = start + 9 * n, True
-                    break
-                else:
-                    raise _WireError(f"BlobProto.double_data has wire type {wire}", start)
             elif number == _B_SHAPE and wire == _LEN:
                 # A repeated embedded message merges; for BlobShape that appends dims.
                 shape = (shape or []) + _read_dims(buf, vstart, vend)
